@@ -1,0 +1,267 @@
+"""The documented Python API; each CLI subcommand calls exactly one function here.
+
+    train(recipe=None, overrides=None, resume=None) -> TrainRun
+    evaluate(source, data=None, splits=("test",), tta=False, model=None, ...) -> dict
+    predict(source, inputs, topk=5, ...) -> list[dict]
+    scan(source, ...) -> dict
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from resforge import __version__
+from resforge.checkpoint import (atomic_write_text, load_for_inference, load_state, read_meta,
+                                 resolve_weights, save_checkpoint, save_state)
+from resforge.config import RunConfig, load_config
+from resforge.data import load_manifest, load_source, make_splits, save_manifest, subset
+from resforge.data import scan as _scan
+from resforge.data.augment import Augmenter
+from resforge.data.loader import make_batches
+from resforge.metrics import classification_metrics
+from resforge.models import create_model
+from resforge.plots import plot_training_curves
+from resforge.predict import predict  # noqa: F401  (re-exported API)
+from resforge.report import write_report
+from resforge.runs import MetricsLog, default_run_name, is_main_process, new_run_dir
+from resforge.train.device import Runtime, make_runtime, seed_everything
+from resforge.train.loop import fit, predict_logits
+from resforge.weights import load_weights
+
+scan = _scan
+
+
+@dataclass
+class TrainRun:
+    dir: Path
+    config: RunConfig
+    model: nn.Module
+    meta: dict
+    results: dict          # split -> metrics (report.json content per split)
+    train_seconds: float
+
+
+# ---------------------------------------------------------------- data
+
+def prepare_data(cfg: RunConfig, manifest: dict | None = None):
+    """Load the source, fix train/val/test (from a manifest when given), subset train."""
+    d = cfg.data
+    bundle = load_source(d.source, image_size=d.image_size, channels=d.channels, cache_dir=d.cache_dir,
+                         download=d.download, data_root=d.data_root, stream=d.stream)
+    if manifest is None and d.manifest:
+        manifest = load_manifest(d.manifest)
+    bundle, manifest = make_splits(bundle, d.val_fraction, d.split_seed, manifest=manifest)
+    if d.train_fraction is not None and manifest.get("train_fraction") is None:
+        bundle = subset(bundle, "train", d.train_fraction, seed=d.split_seed)
+        manifest = make_splits(bundle, manifest=_ids_manifest(bundle, manifest))[1]
+        manifest["train_fraction"] = d.train_fraction
+    return bundle, manifest
+
+
+def _ids_manifest(bundle, base: dict) -> dict:
+    return {**base, "splits": {s: list(sp.ids) for s, sp in bundle.splits.items()}}
+
+
+def channel_stats(bundle) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the training images in [0, 1] (a 10k-image sample is plenty)."""
+    sp = bundle.splits["train"]
+    if sp.images is None:                       # streamed: fall back to ImageNet-style stats
+        c = bundle.channels
+        return [0.5] * c, [0.25] * c
+    idx = np.linspace(0, len(sp.labels) - 1, num=min(len(sp.labels), 10_000)).astype(np.int64)
+    x = torch.from_numpy(np.asarray(sp.images[idx])).float() / 255    # (n, C, H, W)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp(min=1e-3)
+    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
+
+
+# ---------------------------------------------------------------- model
+
+def build_model(cfg: RunConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, dict, dict]:
+    """The model of the config, its builder kwargs and, if it starts from weights, their
+    normalisation ({} when training from scratch: statistics of the data are used)."""
+    m = cfg.model
+    kwargs = {k: v for k, v in (("shortcut", m.shortcut), ("small_input", m.small_input)) if v is not None}
+    if m.drop_rate:
+        kwargs["drop_rate"] = m.drop_rate
+    model = create_model(m.name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if not m.pretrained:
+        return model, kwargs, {}
+    result = load_weights(model, resolve_weights(m.pretrained), head="keep-matching")
+    meta = result.meta
+    if len(meta.get("mean", [])) == in_chans and len(meta.get("std", [])) == in_chans:
+        return model, kwargs, {"mean": meta["mean"], "std": meta["std"]}
+    from resforge.checkpoint import IMAGENET_MEAN, IMAGENET_STD   # third-party ImageNet-style weights
+    if in_chans == 3:
+        return model, kwargs, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    return model, kwargs, {"mean": [sum(IMAGENET_MEAN) / 3] * in_chans, "std": [sum(IMAGENET_STD) / 3] * in_chans}
+
+
+# ---------------------------------------------------------------- train
+
+def _checkpointer(run_dir: Path, base_meta: dict):
+    def save(tag: str, model: nn.Module, state, row: dict, resume: dict | None = None) -> None:
+        if not is_main_process():
+            return
+        meta = {**base_meta, "epoch": state.epoch if tag == "last" else state.best_epoch,
+                "metrics": {k: v for k, v in row.items() if k != "epoch"}}
+        save_checkpoint(run_dir / "weights" / tag, model, meta)
+        if resume is not None:
+            save_state(run_dir / "weights" / "last.state.pt", resume)
+    return save
+
+
+def train(recipe: str | None = None, overrides: list[str] | dict | None = None, *,
+          resume: str | Path | None = None, config: RunConfig | None = None) -> TrainRun:
+    """Train a model as the resolved config says; returns the run (folder, model, results).
+
+    resume: a run folder interrupted earlier; its saved config and splits are used and
+    training continues from its last completed epoch, with the same result as an
+    uninterrupted run in deterministic mode."""
+    run_dir, snap, manifest = None, None, None
+    if resume is not None:
+        run_dir = Path(resume)
+        saved = json.loads((run_dir / "config.json").read_text())
+        cfg = load_config(None, overrides, base=saved)
+        manifest = load_manifest(run_dir / "splits.json")
+        state_path = run_dir / "weights" / "last.state.pt"
+        snap = load_state(state_path) if state_path.is_file() else None
+    else:
+        cfg = config or load_config(recipe, overrides)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    rt = make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last)
+    bundle, manifest = prepare_data(cfg, manifest)
+    model, model_kwargs, pre = build_model(cfg, len(bundle.class_names), bundle.channels)
+    mean, std = (pre["mean"], pre["std"]) if pre.get("mean") else channel_stats(bundle)
+    model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    if run_dir is None:
+        run_dir = new_run_dir(cfg.train.project, cfg.train.name or default_run_name(cfg.model.name, bundle.name))
+    meta = {"model": {"name": cfg.model.name, "num_classes": len(bundle.class_names),
+                      "in_chans": bundle.channels, "kwargs": model_kwargs},
+            "class_names": list(bundle.class_names), "input_size": [bundle.channels, *bundle.image_size],
+            "mean": mean, "std": std, "config": cfg.to_dict(), "split_hash": manifest["hash"],
+            "data": {"source": bundle.name, "fingerprint": bundle.fingerprint}}
+    if is_main_process() and snap is None:
+        _write_run_files(run_dir, cfg, manifest, bundle)
+    _say(f"resforge {__version__}: {cfg.model.name} on {bundle.name} "
+         f"({_split_sizes(bundle)}; {len(bundle.class_names)} classes; "
+         f"{bundle.channels}x{bundle.image_size[0]}x{bundle.image_size[1]}) on {rt.describe()} -> {run_dir}")
+    if bundle.rejected:
+        _say(f"  {len(bundle.rejected)} files rejected (listed in {run_dir / 'report.md'})")
+    augment = Augmenter(cfg.aug, mean, std, len(bundle.class_names), bundle.image_size, seed=cfg.train.seed)
+    tb = make_batches(bundle, "train", rt.device, cfg.train.batch_size, train=True, workers=cfg.data.workers)
+    vb = make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers)
+    result = fit(model, tb, vb, augment, rt, cfg.optim, cfg.train, checkpointer=_checkpointer(run_dir, meta),
+                 resume=snap, metrics_log=MetricsLog(run_dir / "metrics.csv"))
+    results = evaluate_bundle(result.model, bundle, augment, rt, cfg.eval.splits, cfg.eval.tta,
+                              cfg.train.eval_batch_size, cfg.data.workers)
+    if is_main_process():
+        _finish_run(run_dir, meta, results, bundle, result, cfg)
+    return TrainRun(run_dir, cfg, result.model, meta, results, result.train_seconds)
+
+
+def _write_run_files(run_dir: Path, cfg: RunConfig, manifest: dict, bundle) -> None:
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    save_manifest(run_dir / "splits.json", manifest)
+
+
+def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cfg: RunConfig) -> None:
+    extra = {"rejected": list(bundle.rejected), "train_seconds": round(fit_result.train_seconds, 2),
+             "best_epoch": fit_result.state.best_epoch, "epochs_run": fit_result.state.epoch,
+             "split_hash": meta["split_hash"], "data": {**meta["data"], "splits": _split_counts(bundle)},
+             "ignored_files": bundle.extra.get("ignored", 0)}
+    write_report(run_dir, results, meta=meta, extra=extra)
+    plot_training_curves(run_dir / "metrics.csv", run_dir / "results.png")
+    summary = "  ".join(f"{s} top1 {r['top1']:.4f}" for s, r in results.items())
+    _say(f"done in {fit_result.train_seconds:.1f}s: {summary}\nreport: {run_dir / 'report.md'}\n"
+         f"weights: {run_dir / 'weights' / 'best.safetensors'}")
+
+
+def _split_counts(bundle) -> dict:
+    return {s: int(len(sp.labels)) for s, sp in bundle.splits.items()}
+
+
+def _split_sizes(bundle) -> str:
+    return ", ".join(f"{n} {s}" for s, n in _split_counts(bundle).items())
+
+
+def _say(msg: str) -> None:
+    if is_main_process():
+        print(msg, flush=True)
+
+
+# ---------------------------------------------------------------- evaluate
+
+def evaluate_bundle(model: nn.Module, bundle, augment: Augmenter, rt: Runtime, splits, tta: bool,
+                    batch_size: int, workers: int = 2) -> dict:
+    out = {}
+    for s in splits:
+        if s not in bundle.splits or len(bundle.splits[s].labels) == 0:
+            continue
+        batches = make_batches(bundle, s, rt.device, batch_size, train=False, workers=workers)
+        logits, labels = predict_logits(model, batches, augment, rt, tta=tta)
+        out[s] = classification_metrics(logits.numpy(), labels.numpy(), list(bundle.class_names))
+        out[s]["tta"] = tta
+    return out
+
+
+def evaluate(source: str | Path, *, data: str | None = None, splits=("test",), tta: bool = False,
+             model: str | None = None, batch_size: int = 512, out_dir: str | Path | None = None,
+             device: str = "auto", data_root: str | None = None, download: bool = False) -> dict:
+    """Evaluate a run folder or a weights file on splits of a data source; writes report.json,
+    report.md and confusion matrices into `out_dir` (default: the run folder, or
+    runs/eval-<weights>) and returns {split: metrics}."""
+    rt = make_runtime(device, "auto", True)
+    weights = resolve_weights(source)
+    run_dir = weights.parent.parent if weights.parent.name == "weights" else None
+    saved = read_meta(weights)
+    spec = data or (saved.get("config", {}).get("data", {}).get("source"))
+    if spec is None:
+        raise ValueError(f"{weights} does not say which data it was trained on: pass --data")
+    m, meta = load_for_inference(weights, model_name=model, device=rt.device)
+    c, h, w = meta["input_size"]
+    fixed_size = meta.get("source_format") is None          # resforge checkpoints fix the size
+    bundle = load_source(spec, image_size=(h, w) if fixed_size else None, channels=c,
+                         data_root=data_root, download=download)
+    manifest = None
+    if run_dir is not None and data is None and (run_dir / "splits.json").is_file():
+        manifest = load_manifest(run_dir / "splits.json")
+    cfg_data = saved.get("config", {}).get("data", {})
+    bundle, _ = make_splits(bundle, cfg_data.get("val_fraction", 0.1), cfg_data.get("split_seed", 0), manifest=manifest)
+    meta = _reconcile_classes(meta, bundle, weights)
+    if not fixed_size:
+        meta["input_size"] = [c, *bundle.image_size]
+    m = m.to(memory_format=torch.channels_last)
+    augment = Augmenter(RunConfig().aug, meta["mean"], meta["std"], len(meta["class_names"]),
+                        tuple(meta["input_size"][1:]))
+    t0 = time.perf_counter()
+    results = evaluate_bundle(m, bundle, augment, rt, splits, tta, batch_size)
+    if not results:
+        raise ValueError(f"none of the splits {list(splits)} exist in {bundle.name}: it has {list(bundle.splits)}")
+    out = Path(out_dir) if out_dir else (run_dir or new_run_dir("runs", f"eval-{weights.stem}"))
+    extra = {"weights": str(weights), "data": {"source": bundle.name, "splits": _split_counts(bundle)},
+             "eval_seconds": round(time.perf_counter() - t0, 2), "rejected": list(bundle.rejected)}
+    write_report(out, results, meta=meta, extra=extra)
+    for s, r in results.items():
+        _say(f"{s}: top1 {r['top1']:.4f}  top5 {r['top5']:.4f}  macro-F1 {r['macro']['f1']:.4f}  "
+             f"ECE {r['ece']:.4f}  (n={r['n']}{', TTA' if tta else ''})")
+    _say(f"report: {out / 'report.md'}")
+    return results
+
+
+def _reconcile_classes(meta: dict, bundle, weights: Path) -> dict:
+    k = meta["model"]["num_classes"]
+    if len(bundle.class_names) != k:
+        raise ValueError(f"{weights} predicts {k} classes but {bundle.name} has {len(bundle.class_names)} "
+                         f"({', '.join(bundle.class_names[:5])}...): evaluate on data with the same classes, "
+                         "or fine-tune first (resforge finetune / train model.pretrained=...)")
+    if meta.get("source_format") is not None:                 # third-party: names come from the data
+        meta = {**meta, "class_names": list(bundle.class_names)}
+    return meta

@@ -1,0 +1,162 @@
+"""resforge checkpoints: safetensors weights + a JSON sidecar that makes them self-describing.
+
+    <dir>/best.safetensors   model state dict (fp32)
+    <dir>/best.json          architecture, class names, preprocessing, resolved config,
+                             split hash, metrics, resforge version, sha256 of the weights
+    <dir>/last.state.pt      resume state (optimiser, scheduler, EMA, RNG, epoch): tensors and
+                             plain containers only, read back with torch.load(weights_only=True)
+
+Every file is written atomically (temporary file in the same folder, fsync, rename), so a
+crash leaves the previous checkpoint intact, never a half-written one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from resforge import __version__
+from resforge.weights import WeightsError, guess_architecture, load_weights, read_state_dict
+
+FORMAT = "resforge-checkpoint"
+FORMAT_VERSION = 1
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, text.encode())
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """fp32, contiguous, CPU copies (safetensors refuses shared or strided storage)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu")
+        out[k] = (v.float() if v.is_floating_point() else v).contiguous().clone()
+    return out
+
+
+def save_checkpoint(stem: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write <stem>.safetensors then <stem>.json; the sidecar names the weights' sha256, so a
+    pair torn by a crash between the two renames is detected on load."""
+    stem = Path(stem)
+    blob = st_save(_plain_state(model), metadata={"format": "pt", "resforge": FORMAT})
+    atomic_write(stem.with_suffix(".safetensors"), blob)
+    sidecar = {"format": FORMAT, "format_version": FORMAT_VERSION, "resforge_version": __version__,
+               **meta, "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(sidecar, indent=2, default=_json_default))
+    return stem.with_suffix(".safetensors")
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_state(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(Path(path), buf.getvalue())
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resolve_weights(source: str | Path, which: str = "best") -> Path:
+    """A run folder, a weights folder or a file -> the weights file to read."""
+    p = Path(source)
+    if p.is_dir():
+        for cand in (p / "weights" / f"{which}.safetensors", p / f"{which}.safetensors",
+                     p / "weights" / "last.safetensors", p / "last.safetensors"):
+            if cand.is_file():
+                return cand
+        raise FileNotFoundError(f"{p} is a folder without weights/{which}.safetensors: "
+                                "pass a run folder of resforge or a weights file")
+    if not p.is_file():
+        raise FileNotFoundError(f"weights not found: {p}")
+    return p
+
+
+def read_meta(path: Path) -> dict:
+    """The sidecar of a resforge checkpoint, verified against its weights file."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return {}
+    meta = json.loads(sidecar.read_text())
+    want = meta.get("weights_sha256")
+    if want and hashlib.sha256(path.read_bytes()).hexdigest() != want:
+        raise WeightsError(f"{path} does not match its sidecar {sidecar.name} (sha256 differs): "
+                           "the pair was torn or edited; use the other checkpoint (last/best) of the run")
+    return meta
+
+
+def default_meta_for(model: nn.Module, fmt: str, class_names: list[str] | None, in_chans: int) -> dict:
+    """Preprocessing for third-party weights: both torchvision/timm and the akamaster CIFAR
+    nets were trained on ImageNet-normalised inputs."""
+    cfg = model.default_cfg
+    k = model.fc.out_features if hasattr(model, "fc") else None
+    mean = IMAGENET_MEAN if in_chans == 3 else [sum(IMAGENET_MEAN) / 3] * in_chans
+    std = IMAGENET_STD if in_chans == 3 else [sum(IMAGENET_STD) / 3] * in_chans
+    return {"model": {"name": cfg["arch"], "num_classes": k, "in_chans": in_chans, "kwargs": {}},
+            "class_names": class_names or [str(i) for i in range(k)],
+            "input_size": [in_chans, *cfg["input_size"][1:]], "mean": mean, "std": std,
+            "source_format": fmt}
+
+
+def load_for_inference(source, *, model_name: str | None = None, num_classes: int | None = None,
+                       in_chans: int | None = None, class_names: list[str] | None = None,
+                       device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Build the model a weights file describes and load it, in eval mode on `device`.
+
+    resforge checkpoints carry everything; third-party files (torchvision/timm ImageNet
+    ResNets, the akamaster CIFAR ResNets) need `model_name` unless their keys identify it."""
+    from resforge.models import create_model
+    path = resolve_weights(source)
+    sd, meta, fmt = read_state_dict(path)
+    if fmt == "resforge":
+        meta = read_meta(path)
+        m = meta["model"]
+        if model_name and model_name != m["name"]:
+            raise WeightsError(f"{path} holds a {m['name']}, not a {model_name}: drop --model "
+                               f"or pass weights of a {model_name}")
+        model = create_model(m["name"], num_classes=m["num_classes"], in_chans=m["in_chans"], **m.get("kwargs", {}))
+        load_weights(model, sd)
+        return model.to(device).eval(), meta
+    name = model_name or guess_architecture(sd)
+    if name is None:
+        raise WeightsError(f"cannot tell which architecture {path} holds: pass --model NAME "
+                           "(see `resforge models`)")
+    file_classes = sd["fc.weight"].shape[0] if "fc.weight" in sd else None
+    k = num_classes or file_classes
+    c = in_chans or (sd["conv1.weight"].shape[1] if "conv1.weight" in sd else 3)
+    model = create_model(name, num_classes=k, in_chans=c)
+    load_weights(model, sd)
+    if class_names is not None and len(class_names) != k:
+        raise WeightsError(f"{path} has {k} outputs but {len(class_names)} class names were given")
+    return model.to(device).eval(), {**default_meta_for(model, fmt, class_names, c), "weights": str(path)}

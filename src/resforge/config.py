@@ -1,0 +1,302 @@
+"""Run configuration: declared once as typed dataclasses, resolved once, saved everywhere.
+
+Resolution order: dataclass defaults <- recipe YAML (``configs/<name>.yaml`` or a path)
+<- ``key=value`` overrides.  Keys are ``section.field`` (``optim.lr=0.05``) or a bare
+field name when it is unique across sections (``lr=0.05``).  Unknown keys are errors
+with a suggestion; values are parsed as YAML scalars and checked against the field type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used as given."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"            # digits | cifar10 | cifar100 | path to folder / .npz / archive
+    image_size: int | None = None     # square side the images are stored at; None = the source's own
+    channels: int | None = None       # 1 or 3; None = the source's own
+    val_fraction: float = 0.1         # carved (stratified) from train when the source has no val split
+    split_seed: int = 0
+    manifest: str | None = None       # reuse a split manifest (splits.json) from an earlier run
+    train_fraction: float | None = None  # stratified subset of train (few-shot / 1% / 10% studies)
+    data_root: str | None = None      # where named sources (cifar10) are looked for
+    cache_dir: str | None = None      # decoded uint8 tensors, keyed by content hash
+    download: bool = False
+    stream: bool = False              # decode per batch in DataLoader workers (sets larger than RAM)
+    workers: int = 2                  # DataLoader workers on the streaming path
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"
+    pretrained: str | None = None     # weights file to start from
+    drop_rate: float = 0.0            # dropout before the classifier
+    shortcut: str | None = None       # CIFAR nets: "A" (paper default) or "B"
+    small_input: bool | None = None   # ImageNet nets: 3x3 stem, no max-pool (for 32x32 inputs)
+
+
+@dataclass
+class AugConfig:
+    flip: str = "random"              # none | random | alternate (airbench's alternating flip)
+    translate: int = 0                # max shift in pixels (pad + random crop); 0 = off
+    cutout: int = 0                   # side of the zeroed square; 0 = off
+    random_resized_crop: bool = False  # for larger images; scale range below
+    rrc_scale: tuple[float, float] = (0.35, 1.0)
+    mixup: float = 0.0                # Beta(a, a) parameter; 0 = off
+    cutmix: float = 0.0               # Beta(a, a) parameter; 0 = off
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"                 # sgd (Nesterov) | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    no_decay_norm_bias: bool = True   # exclude BN parameters and biases from weight decay
+    schedule: str = "onecycle"        # onecycle | cosine | step | linear | constant
+    warmup_epochs: float = 0.0        # cosine/linear/step: linear warm-up length
+    pct_start: float = 0.25           # onecycle: fraction of steps spent rising
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
+    gamma: float = 0.1                # step: factor at each milestone
+    label_smoothing: float = 0.0
+    clip_grad: float | None = None    # max global grad norm
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    precision: str = "auto"           # auto | fp32 | bf16 | fp16
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+    seed: int = 0
+    ema: float | None = None          # EMA decay per update, e.g. 0.999; None = off
+    ema_every: int = 1                # update the EMA every k steps
+    val_every: int = 1                # validate every k epochs (and at the last)
+    patience: int | None = None       # early stopping on `monitor`; None = off
+    monitor: str = "val_acc"          # val_acc | val_loss
+    restore_best: bool = True         # load the best weights before the final test evaluation
+    project: str = "runs"
+    name: str | None = None           # run folder name; default <model>-<data>, never overwritten
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    splits: list[str] = field(default_factory=lambda: ["val", "test"])
+    tta: bool = False                 # average logits over the image and its mirror (+ shifts)
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe: str | None = None
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "recipe"]
+
+
+def _plain(obj):
+    """Tuples become lists so YAML/JSON dumps stay plain."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field]:
+    cls = {f.name: f.type for f in dataclasses.fields(RunConfig)}[section]
+    cls = typing.get_type_hints(RunConfig)[section] if isinstance(cls, str) else cls
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{k}" for s in SECTIONS for k in _section_fields(s)]
+
+
+def resolve_key(key: str) -> tuple[str, str]:
+    """'optim.lr' or 'lr' -> ('optim', 'lr'); unknown or ambiguous keys raise ConfigError."""
+    full = _all_keys()
+    if "." in key:
+        section, name = key.split(".", 1)
+        if f"{section}.{name}" in full:
+            return section, name
+        raise ConfigError(f"unknown config key '{key}'.{_suggest(key, full)}")
+    owners = [k for k in full if k.split(".", 1)[1] == key]
+    if len(owners) == 1:
+        return tuple(owners[0].split(".", 1))
+    if owners:
+        raise ConfigError(f"config key '{key}' is ambiguous: use one of {', '.join(owners)}")
+    names = {k.split(".", 1)[1] for k in full} | set(full)
+    raise ConfigError(f"unknown config key '{key}'.{_suggest(key, names)}")
+
+
+def _coerce(value: Any, hint, key: str):
+    """Check/convert a parsed value against a dataclass field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [yaml.safe_load(v) for v in value.split(",")]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        (inner, *_) = typing.get_args(hint) or (Any,)
+        items = [_coerce(v, inner, key) if inner is not Any else v for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    return value
+
+
+def _hint(section: str, name: str):
+    cls = type(getattr(RunConfig(), section))
+    return typing.get_type_hints(cls)[name]
+
+
+def set_value(cfg: RunConfig, key: str, value: Any) -> None:
+    section, name = resolve_key(key)
+    value = _coerce(value, _hint(section, name), f"{section}.{name}")
+    setattr(getattr(cfg, section), name, value)
+
+
+def apply_dict(cfg: RunConfig, data: dict, origin: str) -> None:
+    """Apply a nested {section: {field: value}} mapping (a recipe or a saved config)."""
+    for section, values in data.items():
+        if section == "recipe":
+            cfg.recipe = values
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section '{section}'.{_suggest(section, SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: section '{section}' must be a mapping")
+        for name, value in values.items():
+            try:
+                set_value(cfg, f"{section}.{name}", value)
+            except ConfigError as e:
+                raise ConfigError(f"{origin}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. optim.lr=0.05)")
+    key, raw = text.split("=", 1)
+    return key.strip().lstrip("-"), yaml.safe_load(raw) if raw.strip() else None
+
+
+def recipe_path(recipe: str) -> Path:
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    named = RECIPE_DIR / f"{recipe}.yaml"
+    if named.is_file():
+        return named
+    raise ConfigError(f"unknown recipe '{recipe}'.{_suggest(recipe, list_recipes())} "
+                      f"Known recipes: {', '.join(list_recipes())}; or pass a path to a YAML file.")
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | dict | None = None,
+                base: dict | None = None) -> RunConfig:
+    """Resolve defaults <- base (e.g. a saved config) <- recipe <- overrides into a RunConfig."""
+    cfg = RunConfig()
+    if base:
+        apply_dict(cfg, base, "saved config")
+    if recipe:
+        path = recipe_path(recipe)
+        data = yaml.safe_load(path.read_text()) or {}
+        apply_dict(cfg, data, str(path))
+        cfg.recipe = cfg.recipe or path.stem
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    for key, value in items:
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+CHOICES = {
+    ("aug", "flip"): ("none", "random", "alternate"),
+    ("optim", "name"): ("sgd", "adam", "adamw"),
+    ("optim", "schedule"): ("onecycle", "cosine", "step", "linear", "constant"),
+    ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
+    ("train", "monitor"): ("val_acc", "val_loss"),
+}
+
+
+def validate(cfg: RunConfig) -> None:
+    for (section, name), options in CHOICES.items():
+        value = getattr(getattr(cfg, section), name)
+        if value not in options:
+            raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(options)}."
+                              f"{_suggest(str(value), options)}")
+    if cfg.model.shortcut not in (None, "A", "B"):
+        raise ConfigError(f"model.shortcut={cfg.model.shortcut!r}: use A or B")
+    if cfg.data.channels not in (None, 1, 3):
+        raise ConfigError(f"data.channels={cfg.data.channels}: use 1 or 3")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must be in [0, 1)")
+    for key in ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.val_every"):
+        s, n = key.split(".")
+        if getattr(getattr(cfg, s), n) < 1:
+            raise ConfigError(f"{key} must be at least 1")

@@ -1,0 +1,147 @@
+"""Batch-wide augmentation on the training device: one tensor op per batch, no per-image Python.
+
+All functions take x as (B, C, H, W) float in [0, 1] (or already normalised; the geometric
+ops don't care) and an explicit torch.Generator on x's device, so a run's augmentation is a
+pure function of (seed, epoch, batch) and a resumed run repeats it exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from resforge.config import AugConfig
+
+
+def _rand(n: int, g: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device)
+
+
+def random_translate(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Zero-pad by `pad` and take a random HxW crop per image (He et al.'s 4-px pad + crop).
+    Implemented as one gather: rows (B, H) and cols (B, W) index the padded batch."""
+    if pad <= 0:
+        return x
+    B, C, H, W = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g, device=x.device)
+    rows = dy[:, None] + torch.arange(H, device=x.device)          # (B, H)
+    cols = dx[:, None] + torch.arange(W, device=x.device)          # (B, W)
+    b = torch.arange(B, device=x.device)[:, None, None]
+    out = xp[b, :, rows[:, :, None], cols[:, None, :]]             # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)                                  # channels_last view
+
+
+def flip_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror (left-right) the images where mask (B,) is True."""
+    return torch.where(mask[:, None, None, None], x.flip(3), x)
+
+
+def alternating_flip_mask(index: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+    """airbench's alternating flip: each image gets a fixed random coin from its dataset index;
+    even epochs use the coin, odd epochs its opposite, so over two epochs every image is seen
+    exactly once in each orientation (less redundancy than independent random flips)."""
+    coin = ((index * 2654435761 + seed * 40503) >> 7) & 1             # cheap integer hash
+    return (coin == 1) ^ bool(epoch % 2)
+
+
+def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """Zero a size x size square at a random centre per image (DeVries & Taylor 2017)."""
+    if size <= 0:
+        return x
+    B, _, H, W = x.shape
+    cy = (_rand(B, g, x.device) * H).long()[:, None, None]
+    cx = (_rand(B, g, x.device) * W).long()[:, None, None]
+    r = torch.arange(H, device=x.device)[None, :, None]
+    c = torch.arange(W, device=x.device)[None, None, :]
+    hole = ((r - cy).abs() <= size // 2) & ((c - cx).abs() <= size // 2)   # (B, H, W)
+    return x * (~hole)[:, None].to(x.dtype)
+
+
+def random_resized_crop(x: torch.Tensor, out_hw: tuple[int, int], g: torch.Generator,
+                        scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """Inception-style crop of random area fraction and aspect ratio, resampled to out_hw
+    with one batched affine_grid + grid_sample (bilinear)."""
+    B = x.shape[0]
+    area = scale[0] + (scale[1] - scale[0]) * _rand(B, g, x.device)
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(B, g, x.device)
+    w = torch.sqrt(area * torch.exp(logr)).clamp(max=1.0)          # crop width as fraction of W
+    h = torch.sqrt(area / torch.exp(logr)).clamp(max=1.0)
+    cx = (1 - w) * (2 * _rand(B, g, x.device) - 1)                  # centre in [-1, 1] coords
+    cy = (1 - h) * (2 * _rand(B, g, x.device) - 1)
+    theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    grid = F.affine_grid(theta, (B, x.shape[1], *out_hw), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _beta(alpha: float, g: torch.Generator) -> float:
+    seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, g: torch.Generator,
+        mixup: float = 0.0, cutmix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (blend) or CutMix (paste a box) with a shuffled copy of the batch.
+    Returns soft targets (B, K); when both are on, each batch picks one at random."""
+    use_cutmix = cutmix > 0 and (mixup <= 0 or _rand(1, g, x.device).item() < 0.5)
+    lam = _beta(cutmix if use_cutmix else mixup, g)
+    perm = torch.randperm(x.shape[0], generator=g, device=x.device)
+    if use_cutmix:
+        H, W = x.shape[-2:]
+        ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        top = int(torch.randint(0, H - ch + 1, (1,), generator=g, device=x.device))
+        left = int(torch.randint(0, W - cw + 1, (1,), generator=g, device=x.device))
+        x = x.clone()
+        x[:, :, top:top + ch, left:left + cw] = x[perm, :, top:top + ch, left:left + cw]
+        lam = 1 - ch * cw / (H * W)                                  # the area actually kept
+    else:
+        x = lam * x + (1 - lam) * x[perm]
+    onehot = F.one_hot(y, num_classes).to(x.dtype)
+    return x, lam * onehot + (1 - lam) * onehot[perm]
+
+
+class Augmenter:
+    """uint8 batch (B, C, H, W) -> normalised float batch + targets, per AugConfig."""
+
+    def __init__(self, cfg: AugConfig, mean, std, num_classes: int, out_hw: tuple[int, int], seed: int = 0):
+        self.cfg, self.num_classes, self.out_hw, self.seed = cfg, num_classes, tuple(out_hw), seed
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean.to(x_u8.device), self.std.to(x_u8.device)
+        return (x_u8.float() / 255 - mean) / std
+
+    def __call__(self, x_u8: torch.Tensor, y: torch.Tensor, index: torch.Tensor, epoch: int,
+                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        x = self.normalize(x_u8)
+        if c.random_resized_crop:
+            x = random_resized_crop(x, self.out_hw, g, scale=tuple(c.rrc_scale))
+        elif x.shape[-2:] != self.out_hw:
+            x = F.interpolate(x, size=self.out_hw, mode="bilinear", antialias=True, align_corners=False)
+        if c.flip == "random":
+            x = flip_where(x, _rand(x.shape[0], g, x.device) < 0.5)
+        elif c.flip == "alternate":
+            x = flip_where(x, alternating_flip_mask(index.to(x.device), epoch, self.seed))
+        x = random_translate(x, c.translate, g)
+        x = cutout(x, c.cutout, g)
+        if c.mixup > 0 or c.cutmix > 0:
+            return mix(x, y, self.num_classes, g, c.mixup, c.cutmix)
+        return x, y
+
+
+def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """Test-time views: the image and its mirror; for small images (<= 64 px) also both shifted
+    by one pixel diagonally each way (reflect-padded), as airbench does for CIFAR."""
+    views = [x, x.flip(3)]
+    if max(x.shape[-2:]) <= 64:
+        xp = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        H, W = x.shape[-2:]
+        for v in (xp[..., :H, :W], xp[..., 2:, 2:]):
+            views += [v, v.flip(3)]
+    return views

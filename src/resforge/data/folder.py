@@ -1,0 +1,244 @@
+"""ImageFolder trees: root/<class>/* or root/{train,val,test}/<class>/* -> parts dict.
+
+Two passes over the files, both on a thread pool (PIL releases the GIL while decoding):
+1. header probe (size after EXIF rotation, grayscale?) to pick the default size and channels
+   without holding full-size pixels in memory;
+2. decode + resize straight into the final uint8 (N, C, H, W) array, hashing each file's bytes.
+Unreadable files are listed in "rejected" with the reason; hidden entries and non-image
+extensions are skipped and counted in "ignored" (a hidden folder counts once).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .cache import settings_hash
+from .images import IMAGE_EXTENSIONS, ImageError, decode_image, probe_image, resize_image
+
+SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+# ---------------------------------------------------------------- listing
+
+def list_tree(root: Path) -> dict:
+    """{"layout", "items": [(split, class, path)], "class_dirs": [(split, class, dir)], "ignored"}."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    top, ignored = _visible_dirs(root)
+    groups = _split_groups(root, top)
+    items, class_dirs = [], []
+    for split, sdir in groups:
+        cdirs, n = (top, 0) if sdir == root else _visible_dirs(sdir)
+        ignored += n
+        for cdir in cdirs:
+            files, n = _image_files(cdir)
+            ignored += n
+            class_dirs.append((split, cdir.name, cdir))
+            items += [(split, cdir.name, f) for f in files]
+    if not class_dirs:
+        raise ValueError(f"{root}: no class folders; expected root/<class>/<image> "
+                         "or root/{train,val,test}/<class>/<image>")
+    return {"root": root, "layout": "splits" if groups[0][1] != root else "flat",
+            "items": items, "class_dirs": class_dirs, "ignored": ignored}
+
+
+def _split_groups(root: Path, top: list[Path]) -> list[tuple[str, Path]]:
+    split_dirs = [d for d in top if d.name.lower() in SPLIT_DIRS]
+    if not split_dirs:
+        return [("train", root)]
+    others = [d.name for d in top if d not in split_dirs]
+    if others:
+        raise ValueError(f"{root}: mixes split folders ({', '.join(d.name for d in split_dirs)}) "
+                         f"with other folders ({', '.join(others)}); use either root/<class>/ "
+                         "or root/{train,val,test}/<class>/")
+    splits = [SPLIT_DIRS[d.name.lower()] for d in split_dirs]
+    dup = [s for s, n in Counter(splits).items() if n > 1]
+    if dup:
+        raise ValueError(f"{root}: several folders map to the '{dup[0]}' split "
+                         f"({', '.join(d.name for d in split_dirs)}); keep one")
+    return list(zip(splits, split_dirs))
+
+
+def _visible_dirs(folder: Path) -> tuple[list[Path], int]:
+    """Non-hidden sub-folders (sorted) and how many other entries were ignored."""
+    dirs, ignored = [], 0
+    for p in sorted(folder.iterdir()):
+        if not p.name.startswith(".") and p.is_dir():
+            dirs.append(p)
+        else:
+            ignored += 1
+    return dirs, ignored
+
+
+def _image_files(cdir: Path) -> tuple[list[Path], int]:
+    """Image files under a class folder (recursive, sorted) and the ignored count."""
+    files, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(cdir):
+        hidden = [d for d in dirnames if d.startswith(".")]
+        ignored += len(hidden)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                ignored += 1
+            else:
+                files.append(Path(dirpath) / name)
+    return files, ignored
+
+
+def listing_key(listing: dict, settings: dict) -> str:
+    """Cheap identity of the tree (paths, sizes, mtimes) + requested settings, for memo lookup."""
+    stats = [(_rel(listing, p), *_stat(p)) for _, _, p in listing["items"]]
+    return settings_hash("folder-listing", str(listing["root"].resolve()), stats, settings)
+
+
+def _stat(p: Path) -> tuple[int, int]:
+    st = p.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _rel(listing: dict, p: Path) -> str:
+    return p.relative_to(listing["root"]).as_posix()
+
+
+# ---------------------------------------------------------------- probing
+
+def _probe_all(listing, pool) -> tuple[list, list[dict]]:
+    """Per item: ((H, W), gray) or None; rejected entries for the None ones."""
+    def probe(item):
+        try:
+            return probe_image(item[2])
+        except ImageError as e:
+            return e
+    results = list(pool.map(probe, listing["items"]))
+    rejected = [_reject(listing, item, r.reason) for item, r in zip(listing["items"], results)
+                if isinstance(r, ImageError)]
+    return [None if isinstance(r, ImageError) else r for r in results], rejected
+
+
+def _reject(listing, item, reason: str) -> dict:
+    return {"path": str(item[2]), "id": _rel(listing, item[2]), "reason": reason}
+
+
+def _choose_settings(probes, settings: dict, root) -> tuple[int, tuple[int, int]]:
+    """Requested channels/size, else 1 channel only if every image is grayscale, most common size."""
+    good = [p for p in probes if p is not None]
+    if not good:
+        raise ValueError(f"{root}: no readable images found (every candidate file was rejected)")
+    channels = settings["channels"] or (1 if all(gray for _, gray in good) else 3)
+    if settings["image_size"]:
+        return channels, tuple(settings["image_size"])
+    sizes = Counter(size for size, _ in good)
+    return channels, max(sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
+# ---------------------------------------------------------------- decoding
+
+def decode_tree(listing: dict, settings: dict, workers: int | None = None) -> dict:
+    """Decode every image -> parts dict (+ "fingerprint" over paths, sizes, content hashes)."""
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        probes, rejected = _probe_all(listing, pool)
+        channels, size = _choose_settings(probes, settings, listing["root"])
+        ok = [it for it, p in zip(listing["items"], probes) if p is not None]
+        out = np.empty((len(ok), channels, *size), np.uint8)       # (N, C, H, W)
+        results = list(pool.map(lambda j: _decode_into(out, j, ok[j][2], channels, size,
+                                                       settings["resize"]), range(len(ok))))
+    digests = {str(p): hashlib.sha256(p.read_bytes()).hexdigest()  # probe-rejected files
+               for (_, _, p), pr in zip(listing["items"], probes) if pr is None}
+    good = []
+    for j, (digest, err) in enumerate(results):
+        digests[str(ok[j][2])] = digest
+        if err is None:
+            good.append(j)
+        else:
+            rejected.append(_reject(listing, ok[j], err))
+    out = _compact(out, good)
+    kept = [ok[j] for j in good]
+    _check_class_dirs(listing, kept, rejected)
+    parts = _parts(listing, kept, out, channels, size, rejected, settings)
+    entries = [(_rel(listing, p), p.stat().st_size, digests[str(p)]) for _, _, p in listing["items"]]
+    parts["fingerprint"] = settings_hash("folder", entries, settings, channels, list(size))
+    return parts
+
+
+def _decode_into(out, j, path: Path, channels, size, resize) -> tuple[str, str | None]:
+    """Decode one file into out[j]; returns (sha256 of the bytes, error reason or None)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return "", f"cannot read file ({e})"
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        arr = resize_image(decode_image(data, channels), size, resize)  # (H, W, C)
+    except ImageError as e:
+        return digest, e.reason
+    out[j] = arr.transpose(2, 0, 1)
+    return digest, None
+
+
+def _compact(out: np.ndarray, good: list[int]) -> np.ndarray:
+    """Move the good rows to the front in place (no second full-size copy)."""
+    for new, old in enumerate(good):
+        if new != old:
+            out[new] = out[old]
+    return out[:len(good)]
+
+
+def _check_class_dirs(listing, kept, rejected) -> None:
+    valid = Counter((s, c) for s, c, _ in kept)
+    for split, cls, cdir in listing["class_dirs"]:
+        if valid[(split, cls)] == 0:
+            rel = cdir.relative_to(listing["root"]).as_posix()
+            bad = [r for r in rejected if r["id"].startswith(rel + "/")]
+            detail = f"{len(bad)} rejected, e.g. {bad[0]['id']}: {bad[0]['reason']}" if bad \
+                else "no image files"
+            raise ValueError(f"{listing['root']}: class folder '{rel}' has no valid images "
+                             f"({detail}); add images or remove the folder")
+
+
+def _parts(listing, kept, images, channels, size, rejected, settings) -> dict:
+    names = sorted({c for _, c, _ in listing["class_dirs"]})
+    index = {c: i for i, c in enumerate(names)}
+    splits = {}
+    for split in ("train", "val", "test"):
+        rows = [j for j, (s, _, _) in enumerate(kept) if s == split]
+        if not rows and split not in {s for s, _, _ in listing["class_dirs"]}:
+            continue
+        splits[split] = {
+            "images": None if images is None else images[rows] if len(rows) != len(kept) else images,
+            "labels": np.array([index[kept[j][1]] for j in rows], np.int64),
+            "ids": [_rel(listing, kept[j][2]) for j in rows],
+            "files": [str(kept[j][2]) for j in rows]}
+    return {"name": listing["root"].resolve().name, "class_names": names, "splits": splits,
+            "channels": channels, "image_size": tuple(size), "rejected": rejected,
+            "extra": {"ignored": listing["ignored"], "layout": listing["layout"],
+                      "resize": settings["resize"], "root": str(listing["root"])}}
+
+
+# ---------------------------------------------------------------- streaming
+
+def stream_tree(listing: dict, settings: dict, workers: int | None = None) -> dict:
+    """Like decode_tree but keeps file lists only; images are read later (stream.py).
+
+    Headers are probed only when channels or image_size must be chosen; other problems surface
+    as ImageError at read time. The fingerprint is over paths, sizes and mtimes (no content read).
+    """
+    items, rejected = listing["items"], []
+    if settings["channels"] and settings["image_size"]:
+        channels, size = settings["channels"], tuple(settings["image_size"])
+    else:
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            probes, rejected = _probe_all(listing, pool)
+        channels, size = _choose_settings(probes, settings, listing["root"])
+        items = [it for it, p in zip(items, probes) if p is not None]
+    _check_class_dirs(listing, items, rejected)
+    parts = _parts(listing, items, None, channels, size, rejected, settings)
+    parts["extra"]["fingerprint_kind"] = "metadata"
+    stats = [(_rel(listing, p), *_stat(p)) for _, _, p in listing["items"]]
+    parts["fingerprint"] = settings_hash("folder-stream", stats, settings, channels, list(size))
+    return parts

@@ -1,0 +1,103 @@
+"""`resforge data scan`: what a data source contains and what is wrong with it.
+
+Duplicates are exact: identical decoded uint8 pixels (after resizing/conversion) and, for
+file sources, identical file bytes. A duplicate group spanning train/val/test is leakage.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+
+import numpy as np
+
+from .sources import DataBundle, load_source
+
+
+def scan(spec, **load_kwargs) -> dict:
+    """Load `spec` (or take a DataBundle) and report counts, rejects and duplicates."""
+    bundle = spec if isinstance(spec, DataBundle) else load_source(spec, **load_kwargs)
+    report = {
+        "source": bundle.name, "fingerprint": bundle.fingerprint, "channels": bundle.channels,
+        "image_size": list(bundle.image_size), "class_names": list(bundle.class_names),
+        "counts": _counts(bundle), "rejected": list(bundle.rejected),
+        "ignored": int(bundle.extra.get("ignored", 0)), "duplicates": {}, "leaks": {}}
+    for kind, hasher in (("pixels", _pixel_hashes), ("files", _file_hashes)):
+        hashes = {s: hasher(sp) for s, sp in bundle.splits.items()}
+        hashes = {s: h for s, h in hashes.items() if h is not None}
+        if hashes:
+            within, across = _duplicates(bundle, hashes)
+            report["duplicates"][kind], report["leaks"][kind] = within, across
+    return report
+
+
+def _counts(bundle) -> dict:
+    """{split: {class name: count}} (every class listed, zeros included)."""
+    k = len(bundle.class_names)
+    return {s: dict(zip(bundle.class_names, np.bincount(sp.labels, minlength=k).tolist()))
+            for s, sp in bundle.splits.items()}
+
+
+def _pixel_hashes(split) -> list[bytes] | None:
+    if split.images is None:
+        return None
+    return [hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest()
+            for img in split.images]                                    # img: (C, H, W)
+
+
+def _file_hashes(split) -> list[bytes] | None:
+    if split.files is None:
+        return None
+    return [hashlib.blake2b(open_bytes(f), digest_size=16).digest() for f in split.files]
+
+
+def open_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _duplicates(bundle, hashes: dict) -> tuple[dict, list]:
+    """Within-split groups {split: [[ids]]} and cross-split groups [{split: [ids]}]."""
+    groups = defaultdict(lambda: defaultdict(list))                    # hash -> split -> ids
+    for s, hs in hashes.items():
+        ids = bundle.splits[s].ids
+        for item, h in zip(ids, hs):
+            groups[h][s].append(item)
+    within = {s: [g[s] for g in groups.values() if len(g.get(s, ())) > 1] for s in hashes}
+    across = [dict(g) for g in groups.values() if len(g) > 1]
+    return within, across
+
+
+def format_scan(report: dict, max_items: int = 10) -> str:
+    """Readable text: per-class count table, then rejects, ignored count, duplicates, leaks."""
+    lines = [f"source: {report['source']}  ({report['channels']}x{report['image_size'][0]}x"
+             f"{report['image_size'][1]}, fingerprint {report['fingerprint'][:12]})", ""]
+    lines += _count_table(report["counts"], report["class_names"]) + [""]
+    lines.append(f"rejected files: {len(report['rejected'])}")
+    lines += [f"  {r.get('id', r['path'])}: {r['reason']}" for r in report["rejected"][:max_items]]
+    lines += _more(report["rejected"], max_items)
+    lines.append(f"ignored (hidden / not images): {report['ignored']}")
+    for kind, per_split in report["duplicates"].items():
+        for s, groups in per_split.items():
+            lines.append(f"duplicate {kind} within {s}: {len(groups)} groups")
+            lines += [f"  {', '.join(g)}" for g in groups[:max_items]] + _more(groups, max_items)
+    for kind, groups in report["leaks"].items():
+        lines.append(f"LEAKAGE ({kind} identical across splits): {len(groups)} groups"
+                     if groups else f"no {kind} duplicates across splits")
+        lines += ["  " + "; ".join(f"{s}: {', '.join(ids)}" for s, ids in g.items())
+                  for g in groups[:max_items]] + _more(groups, max_items)
+    return "\n".join(lines)
+
+
+def _count_table(counts: dict, class_names: list[str]) -> list[str]:
+    splits = list(counts)
+    width = max([len("class"), len("total")] + [len(c) for c in class_names])
+    row = lambda name, vals: f"{name:<{width}}" + "".join(f"{v:>9}" for v in vals)  # noqa: E731
+    lines = [row("class", splits + ["all"])]
+    lines += [row(c, [counts[s][c] for s in splits] + [sum(counts[s][c] for s in splits)])
+              for c in class_names]
+    totals = [sum(counts[s].values()) for s in splits]
+    return lines + [row("total", totals + [sum(totals)])]
+
+
+def _more(items: list, shown: int) -> list[str]:
+    return [f"  ... and {len(items) - shown} more"] if len(items) > shown else []

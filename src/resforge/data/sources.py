@@ -1,0 +1,200 @@
+"""load_source(spec) -> DataBundle: one entry point for every supported data source.
+
+Specs: "digits" | "cifar10" | "cifar100" | path to a CIFAR archive/folder | path to a .npz |
+path to an ImageFolder tree. Decoded uint8 tensors go through the on-disk cache (cache.py)
+keyed by the fingerprint (source content hash + decode settings), so a second load of the same
+source maps the cached arrays instead of decoding again.
+
+Internally every builder returns "parts": {"name", "class_names", "splits": {split: {"images",
+"labels", "ids", "files"}}} plus optional "channels", "image_size", "rejected", "extra".
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import arrays, cache, cifar, folder
+from .images import RESIZE_MODES, convert_channels, resize_image
+
+SOURCE_VERSION = 1  # bump when decoding changes, so old cache entries are not reused
+
+
+@dataclass
+class Split:
+    labels: np.ndarray            # int64 (N,)
+    images: np.ndarray | None     # uint8 (N, C, H, W), possibly np.memmap; None for streamed splits
+    files: list[str] | None       # source file per item (ImageFolder) or None
+    ids: list[str]                # stable item ids ("data_batch_1.bin:17", "train/cat/x.jpg", "train:5")
+
+
+@dataclass
+class DataBundle:
+    name: str                      # "digits", "cifar10", folder name, npz stem
+    class_names: list[str]
+    splits: dict[str, Split]       # keys among "train", "val", "test"
+    channels: int
+    image_size: tuple[int, int]    # (H, W) of the stored uint8 tensors
+    fingerprint: str               # sha256 of the source content (+ decode settings)
+    rejected: list[dict]           # [{"path": ..., "reason": ...}] never silently dropped
+    extra: dict = field(default_factory=dict)  # e.g. {"ignored": 3, "resize": ...}
+
+
+def load_source(spec, *, image_size=None, channels=None, cache_dir=None, download=False,
+                data_root=None, stream=False, resize="shorter-center-crop") -> DataBundle:
+    """Load a data source as uint8 (N, C, H, W) splits; see the module docstring for specs.
+
+    image_size: (H, W) or int to resize to; channels: 1 or 3 to convert to; None keeps the
+    source's own (folders: most common size; 1 channel only if every image is grayscale).
+    stream: folders only, keep file lists instead of decoding (images=None).
+    """
+    settings = _settings(image_size, channels, resize)
+    kind, path = _resolve(spec, data_root, download)
+    if kind == "folder":
+        return _load_folder(path, settings, cache_dir, stream)
+    if stream:
+        raise ValueError(f"stream=True is for image folders only; {spec!r} is a {kind} source "
+                         "and is loaded into memory")
+    content = _content_hash(kind, path, cache_dir)
+    fp = cache.settings_hash("resforge-data", SOURCE_VERSION, kind, content, settings)
+    hit = cache.read_entry(cache_dir, fp)
+    if hit is not None:
+        return _from_cache(hit, fp)
+    parts = {"digits": lambda: arrays.digits_parts(), "npz": lambda: arrays.npz_parts(path),
+             "cifar": lambda: cifar.read_cifar(path)}[kind]()
+    if kind == "cifar":
+        parts["extra"] = {"path": str(path)}
+    return _store(_conform(parts, settings), fp, cache_dir)
+
+
+def _settings(image_size, channels, resize) -> dict:
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    if image_size is not None:
+        image_size = tuple(int(s) for s in image_size)
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise ValueError(f"image_size must be (H, W) of positive ints or an int, got {image_size}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    return {"image_size": image_size, "channels": channels, "resize": resize}
+
+
+def _resolve(spec, data_root, download) -> tuple[str, Path | None]:
+    """spec -> (kind, path): kind in digits / cifar / npz / folder."""
+    if spec == "digits":
+        return "digits", None
+    if spec in cifar.CIFAR_NAMES:
+        root = Path(data_root) if data_root is not None else cifar.default_data_root()
+        found = cifar.find_cifar(spec, root)
+        if found is None and download:
+            found = cifar.download_cifar(cifar.CIFAR_NAMES[spec][1][0], root)
+        if found is None:
+            raise FileNotFoundError(cifar.not_found_message(spec, root))
+        return "cifar", found
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data source {str(spec)!r} not found: expected 'digits', 'cifar10', "
+                                "'cifar100', or an existing .npz file, CIFAR archive or image folder")
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return "npz", path
+    if cifar.looks_like_cifar(path):
+        return "cifar", path
+    if path.is_dir():
+        return "folder", path
+    raise ValueError(f"{path}: unsupported file; expected a .npz, a CIFAR tar archive "
+                     "(e.g. cifar-10-binary.tar.gz / .tar.xz) or an image folder")
+
+
+def _content_hash(kind: str, path: Path | None, cache_dir) -> str:
+    if kind == "digits":  # tiny and bundled with sklearn: hash the arrays themselves
+        h = hashlib.sha256()
+        for p in arrays.digits_parts()["splits"].values():
+            h.update(p["images"].tobytes())
+            h.update(p["labels"].tobytes())
+        return h.hexdigest()
+    if path.is_dir():  # extracted CIFAR folder: hash of its files
+        return cache.settings_hash([(p.name, cache.file_sha256(p, cache_dir))
+                                    for p in sorted(path.iterdir()) if p.is_file()])
+    return cache.file_sha256(path, cache_dir)
+
+
+def _load_folder(path: Path, settings: dict, cache_dir, stream: bool) -> DataBundle:
+    listing = folder.list_tree(path)
+    if stream:
+        parts = folder.stream_tree(listing, settings)
+        return _bundle(parts, parts.pop("fingerprint"))
+    key = folder.listing_key(listing, {**settings, "version": SOURCE_VERSION})
+    memo = cache.memo_get(cache_dir, key)
+    hit = cache.read_entry(cache_dir, memo["fingerprint"]) if memo else None
+    if hit is not None:
+        return _from_cache(hit, memo["fingerprint"])
+    parts = folder.decode_tree(listing, settings)
+    fp = cache.settings_hash("resforge-data", SOURCE_VERSION, parts.pop("fingerprint"))
+    bundle = _store(parts, fp, cache_dir)
+    cache.memo_put(cache_dir, key, {"fingerprint": fp})
+    return bundle
+
+
+def _conform(parts: dict, settings: dict) -> dict:
+    """Apply requested channels / image_size to array sources (uint8 N, C, H, W)."""
+    for split in parts["splits"].values():
+        split["images"] = conform_images(split["images"], settings["channels"],
+                                         settings["image_size"], settings["resize"])
+    return parts
+
+
+def conform_images(images: np.ndarray, channels=None, size=None, resize="shorter-center-crop",
+                   chunk: int = 4096) -> np.ndarray:
+    """uint8 (N, C, H, W) -> (N, channels, *size); no-op (same array) when nothing changes."""
+    n, c, h, w = images.shape
+    if (channels in (None, c)) and (size is None or tuple(size) == (h, w)):
+        return images
+    out = np.empty((n, channels or c, *(size or (h, w))), np.uint8)
+    for start in range(0, n, chunk):  # chunks bound the float temporaries of the luma step
+        hwc = convert_channels(images[start:start + chunk].transpose(0, 2, 3, 1), channels)
+        if size is not None:
+            hwc = np.stack([resize_image(x, size, resize) for x in hwc]) if len(hwc) else hwc
+        out[start:start + len(hwc)] = hwc.transpose(0, 3, 1, 2)
+    return out
+
+
+def _store(parts: dict, fp: str, cache_dir) -> DataBundle:
+    """Write parts to the cache and return the memmap-backed bundle (in memory if unwritable)."""
+    bundle = _bundle(parts, fp)
+    meta = {"name": bundle.name, "class_names": bundle.class_names, "channels": bundle.channels,
+            "image_size": list(bundle.image_size), "rejected": bundle.rejected, "extra": bundle.extra,
+            "splits": {s: {"ids": sp.ids, "files": sp.files} for s, sp in bundle.splits.items()}}
+    arrays_ = {s: (sp.images, sp.labels) for s, sp in bundle.splits.items()}
+    try:
+        cache.write_entry(cache_dir, fp, meta, arrays_)
+    except OSError as e:
+        warnings.warn(f"could not write the data cache in {cache.resolve_cache_dir(cache_dir)} ({e}); "
+                      "continuing in memory (set RESFORGE_CACHE to a writable folder)")
+        return bundle
+    return _from_cache(cache.read_entry(cache_dir, fp), fp)
+
+
+def _bundle(parts: dict, fp: str) -> DataBundle:
+    splits = {s: Split(labels=np.asarray(p["labels"], np.int64), images=p["images"],
+                       files=p["files"], ids=list(p["ids"])) for s, p in parts["splits"].items()}
+    first = next(iter(splits.values()))
+    channels = parts.get("channels") or first.images.shape[1]
+    size = parts.get("image_size") or first.images.shape[2:]
+    return DataBundle(name=parts["name"], class_names=list(parts["class_names"]), splits=splits,
+                      channels=int(channels), image_size=(int(size[0]), int(size[1])),
+                      fingerprint=fp, rejected=list(parts.get("rejected", [])),
+                      extra=dict(parts.get("extra", {})))
+
+
+def _from_cache(hit: dict, fp: str) -> DataBundle:
+    meta = hit["meta"]
+    splits = {s: Split(labels=labels, images=images, files=meta["splits"][s]["files"],
+                       ids=meta["splits"][s]["ids"]) for s, (images, labels) in hit["arrays"].items()}
+    return DataBundle(name=meta["name"], class_names=meta["class_names"], splits=splits,
+                      channels=meta["channels"], image_size=tuple(meta["image_size"]),
+                      fingerprint=fp, rejected=meta["rejected"], extra=meta["extra"])

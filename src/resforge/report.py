@@ -1,0 +1,254 @@
+"""Evaluation report files: report.json, report.md, confusion_<split>.csv / .png.
+
+report.json layout (one object per evaluated split, next to run-level fields):
+    {"resforge_version": "0.1.0", "model": {...}, "class_names": [...], "splits": ["val", "test"],
+     ...extra (e.g. "rejected", "data"),
+     "val": {"n", "top1", "top5", "macro", "per_class", "confusion", "ece", "nll", ...},
+     "test": {...}}
+Writing into a folder that already has a report for the same model and classes merges: new
+splits replace same-named ones and the others are kept, so `evaluate` can add splits later.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from resforge.plots import plot_confusion
+
+log = logging.getLogger(__name__)
+
+_SPLIT_ORDER = ("train", "val", "test")
+_RESERVED = ("resforge_version", "model", "class_names", "splits")
+_MAX_REJECTED_LISTED = 50
+
+
+def write_report(
+    out_dir: str | Path,
+    results: dict[str, dict],
+    *,
+    meta: dict,
+    extra: dict | None = None,
+) -> tuple[Path, Path]:
+    """Write/merge report.json + report.md and per-split confusion CSV/PNG into out_dir.
+
+    results: {split: classification_metrics(...) dict (plus any extra per-split fields)}.
+    meta: needs "model" (dict or name) and "class_names".
+    extra: run-level additions, e.g. {"rejected": [{"path", "reason"}], "data": {...}}.
+    Returns (report.json path, report.md path).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    class_names = [str(c) for c in meta["class_names"]]
+    new = _new_report(results, meta, class_names, extra or {})
+    report = _merge(_load_json(out_dir / "report.json"), new)
+    for split, metrics in results.items():
+        _write_confusion(out_dir, split, metrics, class_names)
+    json_path = _atomic_write_text(out_dir / "report.json", json.dumps(_jsonable(report), indent=2, allow_nan=False))
+    md_path = _atomic_write_text(out_dir / "report.md", render_markdown(report))
+    return json_path, md_path
+
+
+def render_markdown(report: dict) -> str:
+    """Readable report.md from a report.json-shaped dict."""
+    splits = report.get("splits", [])
+    parts = [_md_header(report), _md_summary(report, splits)]
+    parts += [_md_per_class(split, report[split]) for split in splits if report[split].get("per_class")]
+    if report.get("rejected"):
+        parts.append(_md_rejected(report["rejected"]))
+    notes = {k: v for k, v in report.items() if k not in (*_RESERVED, *splits, "rejected")}
+    if notes:
+        parts.append(_md_notes(notes))
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- building and merging
+
+
+def _new_report(results: dict, meta: dict, class_names: list[str], extra: dict) -> dict:
+    clash = [s for s in results if s in _RESERVED or s in extra]
+    if clash:
+        raise ValueError(f"split names {clash} collide with report fields {[*_RESERVED, *extra]}")
+    report = {"resforge_version": _version(), "model": meta["model"], "class_names": class_names}
+    report.update(extra)
+    report.update(results)
+    report["splits"] = _ordered(results)
+    return report
+
+
+def _merge(old: dict | None, new: dict) -> dict:
+    """Keep old splits when the model and classes match; new fields and splits win."""
+    if not old:
+        return new
+    if old.get("class_names") != new["class_names"] or _model_name(old.get("model")) != _model_name(new["model"]):
+        log.warning("existing report.json is for another model or class list; replacing it")
+        return new
+    merged = dict(old)
+    merged.update(new)
+    merged["splits"] = _ordered([*old.get("splits", []), *new["splits"]])
+    return merged
+
+
+def _ordered(splits) -> list[str]:
+    """train/val/test first (in that order), then any other split names alphabetically."""
+    names = set(splits)
+    return [s for s in _SPLIT_ORDER if s in names] + sorted(names - set(_SPLIT_ORDER))
+
+
+def _model_name(model: Any) -> Any:
+    return model.get("name") if isinstance(model, dict) else model
+
+
+def _version() -> str:
+    try:
+        from resforge import __version__
+
+        return str(__version__)
+    except ImportError:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("resforge")
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def _load_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable %s (%s); writing a fresh report", path, e)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------- files
+
+
+def _write_confusion(out_dir: Path, split: str, metrics: dict, class_names: list[str]) -> None:
+    cm = metrics.get("confusion")
+    if cm is None:
+        return
+    stem = "confusion_" + re.sub(r"[^\w.-]", "_", split)  # split names become file names
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["true\\pred", *class_names])
+    writer.writerows([name, *map(int, row)] for name, row in zip(class_names, cm))
+    _atomic_write_text(out_dir / f"{stem}.csv", buf.getvalue())
+    title = f"{split}: confusion (rows = true class)"
+    if isinstance(metrics.get("top1"), (int, float)):
+        title += f", top-1 {metrics['top1']:.2%}"
+    plot_confusion(cm, class_names, out_dir / f"{stem}.png", title)
+
+
+def _atomic_write_text(path: Path, text: str) -> Path:
+    """Write to a sibling temp file then os.replace: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON types only: numpy/torch scalars -> Python, tuples -> lists, NaN/inf -> null."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "tolist"):  # numpy arrays/scalars, torch tensors
+        return _jsonable(x.tolist())
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    return str(x)  # Path and anything else: readable rather than a crash
+
+
+# ---------------------------------------------------------------- markdown pieces
+
+
+def _md_header(report: dict) -> str:
+    name = _model_name(report.get("model")) or "?"
+    k = len(report.get("class_names", []))
+    version = report.get("resforge_version", "?")
+    return f"# resforge evaluation report\n\nModel `{name}` · {k} classes · resforge {version}"
+
+
+def _md_summary(report: dict, splits: list[str]) -> str:
+    has_auc = any(report[s].get("auc") is not None for s in splits)
+    head = ["split", "n", "top-1", "top-5", "macro-F1", "ECE", "NLL"] + (["AUC"] if has_auc else [])
+    rows = []
+    for s in splits:
+        m = report[s]
+        row = [s, str(m.get("n", "")), _pct(m.get("top1")), _pct(m.get("top5")),
+               _pct((m.get("macro") or {}).get("f1")), _pct(m.get("ece")), _num(m.get("nll"))]
+        rows.append(row + ([_num(m.get("auc"))] if has_auc else []))
+    return "## Summary\n\n" + _md_table(head, rows)
+
+
+def _md_per_class(split: str, m: dict) -> str:
+    head = ["class", "precision", "recall", "F1", "support"]
+    rows = [[c["name"], _pct(c["precision"]), _pct(c["recall"]), _pct(c["f1"]), str(c["support"])]
+            for c in m["per_class"]]
+    for avg in ("macro", "weighted"):
+        if m.get(avg):
+            a = m[avg]
+            rows.append([f"*{avg} avg*", _pct(a["precision"]), _pct(a["recall"]), _pct(a["f1"]), str(m.get("n", ""))])
+    return f"## Per-class: {split}\n\n" + _md_table(head, rows)
+
+
+def _md_rejected(rejected: list[dict]) -> str:
+    lines = [f"## Rejected files ({len(rejected)})", ""]
+    for r in rejected[:_MAX_REJECTED_LISTED]:
+        lines.append(f"- `{r.get('path', '?')}`: {r.get('reason', '?')}")
+    if len(rejected) > _MAX_REJECTED_LISTED:
+        lines.append(f"- … and {len(rejected) - _MAX_REJECTED_LISTED} more (full list in report.json)")
+    return "\n".join(lines)
+
+
+def _md_notes(notes: dict) -> str:
+    lines = ["## Data notes", ""]
+    for key, value in notes.items():
+        if isinstance(value, dict):
+            lines.append(f"- **{key}**")
+            lines += [f"  - {k}: {_short(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"- **{key}**: {_short(value)}")
+    return "\n".join(lines)
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    def line(cells):
+        return "| " + " | ".join(_md_cell(c) for c in cells) + " |"
+
+    sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"
+    return "\n".join([line(head), sep, *(line(r) for r in rows)])
+
+
+def _md_cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.2f}%" if isinstance(x, (int, float)) and not isinstance(x, bool) else "–"
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "–"
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else json.dumps(_jsonable(value))
+    return text if len(text) <= limit else text[: limit - 1] + "…"

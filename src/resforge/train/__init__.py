@@ -1,0 +1,1 @@
+"""Training: device/precision choice, optimisers and schedules, EMA, the loop."""

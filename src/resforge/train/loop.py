@@ -1,0 +1,225 @@
+"""The training loop as plain functions: one epoch, inference over a split, and `fit`.
+
+`fit` owns validation, early stopping, checkpointing and resume; everything it needs comes in
+as arguments (no global state), so fine-tuning policies compose it (freeze -> fit ->
+unfreeze -> fit) instead of copying it, and it runs unchanged under DDP (only rank 0 writes).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from resforge.config import OptimConfig, TrainConfig
+from resforge.data.augment import Augmenter, tta_views
+from resforge.data.loader import epoch_generator
+from resforge.runs import MetricsLog, is_main_process
+from resforge.train.device import Runtime
+from resforge.train.ema import EMA
+from resforge.train.optim import build_optimizer, build_scheduler, param_groups
+
+
+@dataclass
+class FitState:
+    """Everything besides weights and optimiser that a resumed run must get back."""
+    epoch: int = 0                     # epochs completed
+    step: int = 0                      # optimiser steps taken
+    best: float | None = None          # best monitored value so far
+    best_epoch: int = 0
+    bad_rounds: int = 0                # validations since the best (early stopping)
+    history: list[dict] = field(default_factory=list)
+
+
+def soft_cross_entropy(label_smoothing: float) -> Callable:
+    """Cross-entropy in fp32 for hard (B,) or soft (B, K) targets (mixup/cutmix)."""
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+    return loss
+
+
+def train_one_epoch(model: nn.Module, batches, augment: Augmenter, opt, sched, rt: Runtime,
+                    loss_fn: Callable, *, epoch: int, seed: int, state: FitState,
+                    ema: EMA | None = None, clip_grad: float | None = None, scaler=None,
+                    progress: bool = True, desc: str = "") -> dict:
+    model.train()
+    g = epoch_generator(seed, epoch, rt.device)
+    total_loss = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device)
+    seen, t0 = 0, time.perf_counter()
+    bar = tqdm(batches.batches(g), total=len(batches), desc=desc, leave=False,
+               disable=not (progress and is_main_process()), dynamic_ncols=True)
+    for i, (x_u8, y, idx) in enumerate(bar):
+        x, target = augment(x_u8, y, idx, epoch, g)
+        with rt.autocast():
+            logits = model(rt.to_input(x))
+        loss = loss_fn(logits, target)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        (scaler.step(opt), scaler.update()) if scaler is not None else opt.step()
+        sched.step()
+        state.step += 1
+        if ema is not None:
+            ema.update(model, state.step)
+        # Accumulate on device: no host sync per step (it would stall a GPU pipeline).
+        hard = target if target.ndim == 1 else target.argmax(1)
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == hard).sum()
+        seen += len(y)
+        if i % 10 == 0 and bar.disable is False:
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if seen == 0:
+        raise ValueError("the training split produced no batch: it is empty or smaller than one batch")
+    return {"train_loss": total_loss.item() / seen, "train_acc": correct.item() / seen,
+            "images": seen, "seconds": seconds}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches, augment: Augmenter, rt: Runtime,
+                   tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, K) fp32 on CPU and labels (N,) for a whole split, in the split's order."""
+    model.eval()
+    outs, labels = [], []
+    for x_u8, y, _ in batches.batches(None):
+        x = augment.normalize(x_u8)
+        if x.shape[-2:] != augment.out_hw:
+            x = F.interpolate(x, size=augment.out_hw, mode="bilinear", antialias=True, align_corners=False)
+        views = tta_views(x) if tta else [x]
+        with rt.autocast():
+            logits = sum(model(rt.to_input(v)).float() for v in views) / len(views)
+        outs.append(logits.cpu())
+        labels.append(y.cpu())
+    return torch.cat(outs), torch.cat(labels)
+
+
+def val_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    return {"val_loss": F.cross_entropy(logits, labels).item(),
+            "val_acc": (logits.argmax(1) == labels).float().mean().item()}
+
+
+def _improved(cfg: TrainConfig, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value > best if cfg.monitor == "val_acc" else value < best
+
+
+@dataclass
+class FitResult:
+    model: nn.Module                   # the weights to use (EMA if enabled; best if restored)
+    state: FitState
+    train_seconds: float
+
+
+def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Runtime,
+        optim_cfg: OptimConfig, train_cfg: TrainConfig, *, checkpointer=None, resume: dict | None = None,
+        metrics_log: MetricsLog | None = None, lr_scale: dict[str, float] | None = None,
+        desc: str = "") -> FitResult:
+    """Train `model` for train_cfg.epochs with periodic validation; returns the weights to use.
+
+    checkpointer(tag, model, state, extra) writes 'last' (+ resume state) and 'best';
+    resume is a state dict written by an earlier call with the same arguments."""
+    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_norm_bias, lr_scale)
+    opt = build_optimizer(groups, optim_cfg)
+    sched = build_scheduler(opt, optim_cfg, train_cfg.epochs, len(train_batches))
+    ema = EMA(model, train_cfg.ema, train_cfg.ema_every) if train_cfg.ema else None
+    scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
+    state, best_weights = FitState(), None
+    if resume is not None:
+        state, best_weights = _restore(resume, model, opt, sched, ema, scaler)
+        if metrics_log is not None:
+            metrics_log.truncate(state.epoch)
+    step_model = torch.compile(model) if train_cfg.compile else model
+    loss_fn = soft_cross_entropy(optim_cfg.label_smoothing)
+    t_start = time.perf_counter()
+    for epoch in range(state.epoch, train_cfg.epochs):
+        stats = train_one_epoch(step_model, train_batches, augment, opt, sched, rt, loss_fn,
+                                epoch=epoch, seed=train_cfg.seed, state=state, ema=ema,
+                                clip_grad=optim_cfg.clip_grad, scaler=scaler, progress=train_cfg.progress,
+                                desc=f"{desc}epoch {epoch + 1}/{train_cfg.epochs}")
+        eval_model = ema.module if ema is not None else model
+        row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0],
+               "train_loss": stats["train_loss"], "train_acc": stats["train_acc"]}
+        last = epoch + 1 == train_cfg.epochs
+        stop = False
+        if val_batches is not None and ((epoch + 1) % train_cfg.val_every == 0 or last):
+            row |= val_metrics(*predict_logits(eval_model, val_batches, augment, rt))
+            value = row[train_cfg.monitor]
+            if _improved(train_cfg, value, state.best):
+                state.best, state.best_epoch, state.bad_rounds = value, epoch + 1, 0
+                best_weights = copy.deepcopy(eval_model.state_dict())
+                if checkpointer is not None:
+                    checkpointer("best", eval_model, state, row)
+            else:
+                state.bad_rounds += 1
+                stop = train_cfg.patience is not None and state.bad_rounds >= train_cfg.patience
+        state.epoch = epoch + 1
+        state.history.append(row)
+        if metrics_log is not None:
+            metrics_log.append(row)
+        _report_epoch(row, stats, train_cfg, desc)
+        if checkpointer is not None:
+            checkpointer("last", eval_model, state, row,
+                         resume=_snapshot(state, model, opt, sched, ema, scaler, best_weights))
+        if stop:
+            _log(f"{desc}early stop: {train_cfg.monitor} has not improved for "
+                 f"{train_cfg.patience} validations (best {state.best:.4f} at epoch {state.best_epoch})")
+            break
+    final = ema.module if ema is not None else model
+    if train_cfg.restore_best and best_weights is not None:
+        final.load_state_dict(best_weights)
+    return FitResult(final, state, time.perf_counter() - t_start)
+
+
+def _report_epoch(row: dict, stats: dict, cfg: TrainConfig, desc: str) -> None:
+    parts = [f"{desc}epoch {row['epoch']}/{cfg.epochs}", f"loss {row['train_loss']:.4f}",
+             f"acc {row['train_acc']:.4f}"]
+    if "val_acc" in row:
+        parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_acc']:.4f}"]
+    parts.append(f"{stats['images'] / max(stats['seconds'], 1e-9):.0f} img/s")
+    _log("  ".join(parts))
+
+
+def _log(msg: str) -> None:
+    if is_main_process():
+        tqdm.write(msg)
+
+
+def _snapshot(state: FitState, model, opt, sched, ema, scaler, best_weights) -> dict:
+    """Resume state: tensors and plain containers only (loadable with weights_only=True)."""
+    return {"fit_state": {k: v for k, v in state.__dict__.items()},
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "best_weights": best_weights,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+
+def _restore(snap: dict, model, opt, sched, ema, scaler) -> tuple[FitState, dict | None]:
+    model.load_state_dict(snap["model"])
+    opt.load_state_dict(snap["optimizer"])
+    sched.load_state_dict(snap["scheduler"])
+    if ema is not None and snap.get("ema") is not None:
+        ema.load_state_dict(snap["ema"])
+    if scaler is not None and snap.get("scaler") is not None:
+        scaler.load_state_dict(snap["scaler"])
+    torch.set_rng_state(snap["rng"]["torch"])
+    if snap["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(snap["rng"]["cuda"])
+    st = FitState(**snap["fit_state"])
+    return st, snap.get("best_weights")
+

@@ -1,0 +1,79 @@
+"""Optimisers and learning-rate schedules.
+
+Every schedule is a multiplier f(step) in [0, 1] applied to each parameter group's base
+rate through LambdaLR, so discriminative (per-group) rates compose with any schedule and
+the scheduler's state is just its step counter.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from resforge.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool,
+                 lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """Split trainable parameters into decay / no-decay groups (BN weights and all biases are
+    1-D, so `ndim <= 1` identifies them).  `lr_scale` maps a parameter-name prefix to a rate
+    multiplier (longest prefix wins) for discriminative fine-tuning."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        wd = 0.0 if (no_decay_norm_bias and p.ndim <= 1) else weight_decay
+        scale = _prefix_lookup(name, lr_scale or {})
+        groups.setdefault((wd, scale), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_scale": s} for (wd, s), ps in groups.items()]
+
+
+def _prefix_lookup(name: str, table: dict[str, float]) -> float:
+    best = max((k for k in table if name == k or name.startswith(k + ".") or k == ""), key=len, default=None)
+    return table[best] if best is not None else 1.0
+
+
+def build_optimizer(params: Iterable | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = list(params)
+    for g in groups:
+        if isinstance(g, dict):
+            g["lr"] = cfg.lr * g.pop("lr_scale", 1.0)
+    if not groups:
+        raise ValueError("no trainable parameters: the freezing policy left nothing to optimise")
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimiser '{cfg.name}': use sgd, adam or adamw")
+
+
+def lr_factor(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base rate at optimiser step `step` of `total` (0-based)."""
+    t = min(step, total) / max(total, 1)                   # progress in [0, 1]
+    if cfg.schedule == "onecycle":
+        # Linear rise from 1/25 to 1, then linear fall to 0 (Smith's one-cycle, as in airbench).
+        p = max(cfg.pct_start, 1e-8)
+        return 0.04 + 0.96 * t / p if t < p else max(0.0, (1 - t) / (1 - p))
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    u = (step - warm) / max(total - warm, 1)             # progress after warm-up
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(u, 1.0)))
+    if cfg.schedule == "linear":
+        return max(0.0, 1 - u)
+    if cfg.schedule == "step":
+        marks = [m * total if m <= 1 else m * steps_per_epoch for m in cfg.milestones]
+        return cfg.gamma ** sum(step >= m for m in marks)
+    return 1.0                                              # constant
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s, total, steps_per_epoch))

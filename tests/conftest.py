@@ -1,0 +1,29 @@
+"""Shared pytest fixtures: where the read-only real data lives, and an isolated cache dir."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "src") not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO / "src"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Folder of the real data (RESFORGE_SHARED_DATA, else ../shared/data next to the repo)."""
+    env = os.environ.get("RESFORGE_SHARED_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} not found (set RESFORGE_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch) -> Path:
+    """RESFORGE_CACHE (and RESFORGE_DATA) pointed at fresh temporary folders."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RESFORGE_CACHE", str(cache))
+    monkeypatch.setenv("RESFORGE_DATA", str(tmp_path / "data"))
+    return cache
