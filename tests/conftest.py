@@ -27,3 +27,18 @@ def tmp_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("RESFORGE_CACHE", str(cache))
     monkeypatch.setenv("RESFORGE_DATA", str(tmp_path / "data"))
     return cache
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """One decoded-tensor cache for the whole test session, so CIFAR's 140 MB .tar.xz is
+    decompressed once, not once per test."""
+    return tmp_path_factory.mktemp("resforge-cache")
+
+
+@pytest.fixture(scope="session")
+def cifar10_archive(shared_data) -> Path:
+    path = shared_data / "cifar-10-binary.tar.xz"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path

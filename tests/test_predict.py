@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from resforge.predict import expand_inputs, format_predictions, predict, save_predictions
+from resforge.infer import expand_inputs, format_predictions, predict, save_predictions
 
 NAMES = ["red", "green", "blue"]
 META = {"class_names": NAMES, "input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3,

@@ -27,11 +27,11 @@ from resforge.data.loader import make_batches
 from resforge.metrics import classification_metrics
 from resforge.models import create_model
 from resforge.plots import plot_training_curves
-from resforge.predict import predict  # noqa: F401  (re-exported API)
+from resforge.infer import predict  # noqa: F401  (re-exported API)
 from resforge.report import write_report
 from resforge.runs import MetricsLog, default_run_name, is_main_process, new_run_dir
-from resforge.train.device import Runtime, make_runtime, seed_everything
-from resforge.train.loop import fit, predict_logits
+from resforge.training.device import Runtime, make_runtime, seed_everything
+from resforge.training.loop import fit, predict_logits
 from resforge.weights import load_weights
 
 scan = _scan

@@ -39,7 +39,7 @@ def _eval(a) -> int:
 
 
 def _predict(a) -> int:
-    from resforge.predict import format_predictions, predict, save_predictions
+    from resforge.infer import format_predictions, predict, save_predictions
     rows = predict(a.source, a.inputs, topk=a.topk, batch_size=a.batch_size,
                    device=None if a.device == "auto" else a.device, model_name=a.model)
     print(format_predictions(rows))

@@ -47,10 +47,10 @@ def _pixel_hashes(split) -> list[bytes] | None:
 def _file_hashes(split) -> list[bytes] | None:
     if split.files is None:
         return None
-    return [hashlib.blake2b(open_bytes(f), digest_size=16).digest() for f in split.files]
+    return [hashlib.blake2b(_read_bytes(f), digest_size=16).digest() for f in split.files]
 
 
-def open_bytes(path) -> bytes:
+def _read_bytes(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
 

@@ -42,7 +42,7 @@ def predict(
     Unreadable or missing files get "error" set and an empty "topk".
     If `out` ends in .csv or .json the rows are also saved there.
     """
-    from resforge.checkpoint import load_for_inference  # lazy: keeps `import resforge.predict` light
+    from resforge.checkpoint import load_for_inference  # lazy: keeps `import resforge.infer` light
 
     if topk < 1 or batch_size < 1:
         raise ValueError(f"topk and batch_size must be >= 1, got {topk}, {batch_size}")

@@ -20,9 +20,9 @@ from resforge.config import OptimConfig, TrainConfig
 from resforge.data.augment import Augmenter, tta_views
 from resforge.data.loader import epoch_generator
 from resforge.runs import MetricsLog, is_main_process
-from resforge.train.device import Runtime
-from resforge.train.ema import EMA
-from resforge.train.optim import build_optimizer, build_scheduler, param_groups
+from resforge.training.device import Runtime
+from resforge.training.ema import EMA
+from resforge.training.optim import build_optimizer, build_scheduler, param_groups
 
 
 @dataclass

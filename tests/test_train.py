@@ -1,0 +1,118 @@
+"""Training end to end on the embedded digits set: run folder contents, checkpoints, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import resforge
+from resforge.checkpoint import load_for_inference, read_meta, save_checkpoint
+from resforge.config import OptimConfig
+from resforge.training.optim import lr_factor
+from resforge.weights import WeightsError
+
+FAST = ["data.image_size=8", "train.epochs=4", "train.batch_size=128", "train.progress=false",
+        "model.name=resnet20"]
+
+
+def _train(tmp_path, extra=(), name="run"):
+    return resforge.train("digits", FAST + [f"train.project={tmp_path}", f"train.name={name}",
+                                            f"data.cache_dir={tmp_path / 'cache'}", *extra])
+
+
+def test_train_writes_a_complete_self_describing_run(tmp_path):
+    run = _train(tmp_path)
+    for f in ("config.yaml", "config.json", "splits.json", "metrics.csv", "results.png", "report.json",
+              "report.md", "confusion_test.png", "confusion_test.csv", "weights/best.safetensors",
+              "weights/best.json", "weights/last.safetensors", "weights/last.state.pt"):
+        assert (run.dir / f).is_file(), f
+    report = json.loads((run.dir / "report.json").read_text())
+    assert 0 <= report["test"]["top1"] <= 1 and report["test"]["n"] == 360
+    meta = read_meta(run.dir / "weights" / "best.safetensors")
+    assert meta["class_names"] == [str(i) for i in range(10)]
+    assert meta["input_size"] == [1, 8, 8] and len(meta["mean"]) == 1
+    assert meta["split_hash"] == json.loads((run.dir / "splits.json").read_text())["hash"]
+    assert meta["config"]["train"]["epochs"] == 4
+    # a second run with the same name never overwrites the first
+    assert _train(tmp_path).dir.name == "run-2"
+
+
+def test_checkpoint_loads_for_inference_without_respecifying_anything(tmp_path):
+    run = _train(tmp_path, ["train.epochs=1"])
+    model, meta = load_for_inference(run.dir)
+    x = torch.zeros(2, *meta["input_size"])
+    assert model(x).shape == (2, 10)
+
+
+def test_torn_checkpoint_pair_is_detected(tmp_path):
+    model = resforge.create_model("resnet20", num_classes=10)
+    save_checkpoint(tmp_path / "best", model, {"model": {"name": "resnet20", "num_classes": 10, "in_chans": 3}})
+    other = resforge.create_model("resnet20", num_classes=10)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "best.safetensors"))
+    with pytest.raises(WeightsError, match="sidecar"):
+        read_meta(tmp_path / "best.safetensors")
+
+
+def test_early_stopping_restores_best(tmp_path):
+    run = _train(tmp_path, ["train.epochs=12", "train.patience=1", "optim.lr=3.0", "optim.schedule=constant"])
+    rows = (run.dir / "metrics.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) < 12                                   # stopped early
+    best = json.loads((run.dir / "weights" / "best.json").read_text())
+    assert best["epoch"] <= len(rows)
+
+
+def test_options_ema_mixup_dropout_adamw_run(tmp_path):
+    run = _train(tmp_path, ["train.ema=0.9", "aug.mixup=0.2", "aug.cutmix=1.0", "model.drop_rate=0.2",
+                            "optim.name=adamw", "optim.lr=0.003", "optim.schedule=cosine",
+                            "optim.warmup_epochs=1", "optim.clip_grad=1.0", "eval.tta=true", "train.epochs=2"])
+    assert run.results["test"]["tta"] is True
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "linear", "constant"])
+def test_schedules_stay_in_range(schedule):
+    cfg = OptimConfig(schedule=schedule, warmup_epochs=1)
+    f = [lr_factor(cfg, s, 100, 10) for s in range(101)]
+    assert all(0 <= v <= 1 for v in f)
+    if schedule in ("onecycle", "cosine", "linear"):
+        assert f[-1] < 0.05
+
+
+def _cli(args, env):
+    return subprocess.Popen([sys.executable, "-m", "resforge.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    common = ["train", "--recipe", "digits", "--project", str(tmp_path), "train.deterministic=true",
+              "data.image_size=8", "train.epochs=5", "train.batch_size=32", "train.progress=false",
+              "train.ema=0.9", "model.drop_rate=0.1", f"data.cache_dir={tmp_path / 'cache'}"]
+    full = _cli(common + ["--name", "full"], env)
+    assert full.wait(timeout=600) == 0, full.stdout.read()
+    victim = _cli(common + ["--name", "killed"], env)
+    metrics = tmp_path / "killed" / "metrics.csv"
+    deadline = time.time() + 600
+    while time.time() < deadline and victim.poll() is None:      # wait for epoch 2 to finish
+        if metrics.is_file() and len(metrics.read_text().strip().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)                                             # now inside epoch 3
+    assert victim.poll() is None, "run finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    rows_at_kill = len(metrics.read_text().strip().splitlines()) - 1
+    assert 2 <= rows_at_kill < 5
+    resumed = _cli(["train", "--resume", str(tmp_path / "killed")], env)
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    assert (tmp_path / "killed" / "metrics.csv").read_text() == (tmp_path / "full" / "metrics.csv").read_text()
+    for tag in ("last", "best"):
+        a = load_file(str(tmp_path / "full" / "weights" / f"{tag}.safetensors"))
+        b = load_file(str(tmp_path / "killed" / "weights" / f"{tag}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), tag
