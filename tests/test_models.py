@@ -13,6 +13,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 IMAGENET = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 CIFAR = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 PLAIN = ["plain20", "plain32", "plain44", "plain56", "plain110"]
+FASTNETS = ["airbench94", "resnet9"]  # models/fastnet.py, tested in test_fastnet.py
 # He et al. 2016 / akamaster report 0.27M, 0.46M, 0.66M, 0.85M, 1.7M (option A, 10 classes)
 CIFAR_PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586,
                 "resnet56": 853_018, "resnet110": 1_727_962}
@@ -36,7 +37,7 @@ def torchvision_fixture(name: str) -> dict:
 
 
 def test_registry_lists_every_architecture():
-    assert set(list_models()) == set(IMAGENET + CIFAR + PLAIN)
+    assert set(list_models()) == set(IMAGENET + CIFAR + PLAIN + FASTNETS)
     assert list_models().index("resnet56") < list_models().index("resnet110")  # ordered by depth
 
 

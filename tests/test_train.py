@@ -116,3 +116,42 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
         a = load_file(str(tmp_path / "full" / "weights" / f"{tag}.safetensors"))
         b = load_file(str(tmp_path / "killed" / "weights" / f"{tag}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), tag
+
+
+def _image_folder(root, n_per_class=12, size=(20, 24)):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, colour in enumerate(((200, 30, 30), (30, 200, 30), (30, 30, 200))):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True)
+            for i in range(n_per_class):
+                img = np.clip(rng.normal(colour, 40, (*size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.jpg" if i % 2 else d / f"{i}.png")
+    (root / "train" / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    return root
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_train_on_an_image_folder_in_memory_and_streamed(tmp_path, stream):
+    root = _image_folder(tmp_path / "imgs")
+    run = resforge.train("default", [f"data.source={root}", f"data.stream={str(stream).lower()}",
+                                     "train.epochs=2", "train.batch_size=8", "train.progress=false",
+                                     f"train.project={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
+                                     "data.workers=1"])
+    report = json.loads((run.dir / "report.json").read_text())
+    assert report["class_names"] == ["class_0", "class_1", "class_2"]
+    assert report["test"]["n"] == 36
+    assert len(report["rejected"]) == 1 and "broken.jpg" in report["rejected"][0]["path"]
+    assert "broken.jpg" in (run.dir / "report.md").read_text()
+
+
+def test_train_on_npz_with_one_channel(shared_data, tmp_path):
+    npz = shared_data / "breastmnist.npz"
+    if not npz.is_file():
+        pytest.skip(f"{npz} not found")
+    run = resforge.train("default", [f"data.source={npz}", "train.epochs=1", "train.progress=false",
+                                     f"train.project={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert run.meta["input_size"] == [1, 28, 28]
+    assert run.results["test"]["n"] == 156 and "auc" in run.results["test"]

@@ -4,6 +4,9 @@
     evaluate(source, data=None, splits=("test",), tta=False, model=None, ...) -> dict
     predict(source, inputs, topk=5, ...) -> list[dict]
     scan(source, ...) -> dict
+    degradation(depths=(20, 56), seeds=(0,), ...) -> dict
+    finetune(source, data=..., policy=..., ...) -> FinetuneRun    (resforge.finetune)
+    lr_find(source=None, data=..., policy=..., ...) -> dict       (resforge.finetune)
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from resforge.report import write_report
 from resforge.runs import MetricsLog, default_run_name, is_main_process, new_run_dir
 from resforge.training.device import Runtime, make_runtime, seed_everything
 from resforge.training.loop import fit, predict_logits
+from resforge.training.probes import train_eval_batches
 from resforge.weights import load_weights
 
 scan = _scan
@@ -103,6 +107,20 @@ def build_model(cfg: RunConfig, num_classes: int, in_chans: int) -> tuple[nn.Mod
     return model, kwargs, {"mean": [sum(IMAGENET_MEAN) / 3] * in_chans, "std": [sum(IMAGENET_STD) / 3] * in_chans}
 
 
+def init_from_data(model: nn.Module, bundle, mean, std, n: int = 5000) -> None:
+    """Data-dependent initialisation for models that define `init_from_data(images_u8 (N, C, H, W),
+    mean, std)` (e.g. airbench94's whitening conv), fed a strided sample of the training images."""
+    hook = getattr(model, "init_from_data", None)
+    sp = bundle.splits["train"]
+    if hook is None:
+        return
+    if sp.images is None:
+        _say(f"  {type(model).__name__}.init_from_data skipped: streamed training data is not in memory")
+        return
+    idx = np.linspace(0, len(sp.labels) - 1, num=min(len(sp.labels), n)).astype(np.int64)
+    hook(torch.from_numpy(np.asarray(sp.images[idx])), mean, std)
+
+
 # ---------------------------------------------------------------- train
 
 def _checkpointer(run_dir: Path, base_meta: dict):
@@ -139,6 +157,8 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     bundle, manifest = prepare_data(cfg, manifest)
     model, model_kwargs, pre = build_model(cfg, len(bundle.class_names), bundle.channels)
     mean, std = (pre["mean"], pre["std"]) if pre.get("mean") else channel_stats(bundle)
+    if snap is None and not cfg.model.pretrained:
+        init_from_data(model, bundle, mean, std)
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
     if run_dir is None:
         run_dir = new_run_dir(cfg.train.project, cfg.train.name or default_run_name(cfg.model.name, bundle.name))
@@ -156,9 +176,11 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
         _say(f"  {len(bundle.rejected)} files rejected (listed in {run_dir / 'report.md'})")
     augment = Augmenter(cfg.aug, mean, std, len(bundle.class_names), bundle.image_size, seed=cfg.train.seed)
     tb = make_batches(bundle, "train", rt.device, cfg.train.batch_size, train=True, workers=cfg.data.workers)
-    vb = make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers)
+    vb = (make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers)
+          if len(bundle.splits["val"].labels) else None)     # data.val_fraction=0: no validation
+    teb = train_eval_batches(bundle, cfg.train.eval_train, rt.device, cfg.train.eval_batch_size, cfg.data.workers)
     result = fit(model, tb, vb, augment, rt, cfg.optim, cfg.train, checkpointer=_checkpointer(run_dir, meta),
-                 resume=snap, metrics_log=MetricsLog(run_dir / "metrics.csv"))
+                 resume=snap, metrics_log=MetricsLog(run_dir / "metrics.csv"), train_eval_batches=teb)
     results = evaluate_bundle(result.model, bundle, augment, rt, cfg.eval.splits, cfg.eval.tta,
                               cfg.train.eval_batch_size, cfg.data.workers)
     if is_main_process():
@@ -197,6 +219,15 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
+# ---------------------------------------------------------------- experiments
+
+def degradation(depths=(20, 56), seeds=(0,), **kwargs) -> dict:
+    """He et al. 2016's degradation experiment (plainD vs resnetD twins, one recipe); see
+    resforge.experiments.degradation.run_degradation for the arguments and outputs."""
+    from resforge.experiments.degradation import run_degradation   # it imports this module
+    return run_degradation(depths, seeds, **kwargs)
+
+
 # ---------------------------------------------------------------- evaluate
 
 def evaluate_bundle(model: nn.Module, bundle, augment: Augmenter, rt: Runtime, splits, tta: bool,
@@ -228,13 +259,15 @@ def evaluate(source: str | Path, *, data: str | None = None, splits=("test",), t
     m, meta = load_for_inference(weights, model_name=model, device=rt.device)
     c, h, w = meta["input_size"]
     fixed_size = meta.get("source_format") is None          # resforge checkpoints fix the size
-    bundle = load_source(spec, image_size=(h, w) if fixed_size else None, channels=c,
-                         data_root=data_root, download=download)
-    manifest = None
-    if run_dir is not None and data is None and (run_dir / "splits.json").is_file():
-        manifest = load_manifest(run_dir / "splits.json")
-    cfg_data = saved.get("config", {}).get("data", {})
-    bundle, _ = make_splits(bundle, cfg_data.get("val_fraction", 0.1), cfg_data.get("split_seed", 0), manifest=manifest)
+    if data is None and saved.get("config"):
+        # The run's own data: rebuild it exactly as training did, with its saved splits.
+        manifest_path = run_dir / "splits.json" if run_dir is not None else None
+        manifest = load_manifest(manifest_path) if manifest_path and manifest_path.is_file() else None
+        bundle, _ = prepare_data(load_config(None, base=saved["config"]), manifest)
+    else:
+        bundle = load_source(spec, image_size=(h, w) if fixed_size else None, channels=c,
+                             data_root=data_root, download=download)
+        bundle, _ = make_splits(bundle)
     meta = _reconcile_classes(meta, bundle, weights)
     if not fixed_size:
         meta["input_size"] = [c, *bundle.image_size]
@@ -265,3 +298,17 @@ def _reconcile_classes(meta: dict, bundle, weights: Path) -> dict:
     if meta.get("source_format") is not None:                 # third-party: names come from the data
         meta = {**meta, "class_names": list(bundle.class_names)}
     return meta
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+def finetune(source, **kwargs):
+    """Fine-tune pretrained weights on new data with a policy; see resforge.finetune.run.finetune."""
+    from resforge.finetune.run import finetune as _finetune   # it imports this module
+    return _finetune(source, **kwargs)
+
+
+def lr_find(source=None, **kwargs) -> dict:
+    """Learning-rate range test (plot + suggested rate); see resforge.finetune.run.lr_find."""
+    from resforge.finetune.run import lr_find as _lr_find
+    return _lr_find(source, **kwargs)

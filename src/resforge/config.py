@@ -72,6 +72,7 @@ class OptimConfig:
     warmup_epochs: float = 0.0        # cosine/linear/step: linear warm-up length
     pct_start: float = 0.25           # onecycle: fraction of steps spent rising
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
+    milestone_unit: str = "auto"      # step: auto (<= 1 fraction, > 1 epoch) | fraction | epoch | step
     gamma: float = 0.1                # step: factor at each milestone
     label_smoothing: float = 0.0
     clip_grad: float | None = None    # max global grad norm
@@ -90,6 +91,9 @@ class TrainConfig:
     seed: int = 0
     ema: float | None = None          # EMA decay per update, e.g. 0.999; None = off
     ema_every: int = 1                # update the EMA every k steps
+    lookahead_every: int | None = None  # lookahead: pull the weights to a slow copy every k steps; None = off
+    lookahead_alpha: float = 0.7738   # its final decay, ramped as alpha * (step/total)^3 (airbench: 0.95**5)
+    max_seconds: float | None = None  # time budget: stop after the epoch nearest to it; None = off
     val_every: int = 1                # validate every k epochs (and at the last)
     patience: int | None = None       # early stopping on `monitor`; None = off
     monitor: str = "val_acc"          # val_acc | val_loss
@@ -97,12 +101,40 @@ class TrainConfig:
     project: str = "runs"
     name: str | None = None           # run folder name; default <model>-<data>, never overwritten
     progress: bool = True
+    eval_train: int = 0               # each epoch, error of a fixed un-augmented train subset this big
+                                      # (eval mode: He et al.'s training error); 0 = off
+    grad_norms: bool = False          # log per-stage gradient L2 norms (epoch means) to metrics.csv
 
 
 @dataclass
 class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["val", "test"])
     tta: bool = False                 # average logits over the image and its mirror (+ shifts)
+
+
+@dataclass
+class FinetuneConfig:
+    """Starting from pretrained weights (resforge finetune); ignored by plain training."""
+    policy: str = "gradual"           # linear-probe | last-stages:K | stages:A,B | full | gradual | bitfit | lora
+    bn: str = "train"                 # train | freeze-stats (running stats fixed) | freeze (stats and affine)
+    head_init: str = "probe"          # probe: start the head from the linear probe (LP-FT) | fresh
+    keep_class_rows: bool = False     # copy pretrained fc rows of classes whose names match the data's
+    class_map: str | None = None      # explicit "new:old,new2:old2" (or a .json/.yaml file) for keep_class_rows
+    source_classes: str | None = None  # text file of the pretrained classes' names (torchvision/timm files)
+    input_size: int | None = None     # side the network sees (batches resized on the fly); None = stored size
+    head_lr_mult: float = 10.0        # head rate = optim.lr * this
+    layer_decay: float = 0.5          # gradual: rate factor per stage (or block) below the head
+    decay_unit: str = "stage"         # gradual: stage | block (layer-wise decay per residual block)
+    unfreeze_epochs: int = 1          # gradual: epochs of each partial-unfreeze phase (last phase: train.epochs)
+    probe_epochs: int = 30            # linear probe on cached features
+    probe_lr: float = 0.01            # AdamW rate of the probe
+    probe_weight_decay: float = 1e-4
+    class_weights: str = "none"       # none | balanced (inverse class frequency in the loss)
+    balanced_sampling: bool = False   # draw training batches with equal class probability
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    compare: bool = True              # also score the prototype head and the linear probe (report rows a, b)
 
 
 @dataclass
@@ -113,6 +145,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     recipe: str | None = None
 
     def to_dict(self) -> dict:
@@ -279,8 +312,13 @@ CHOICES = {
     ("aug", "flip"): ("none", "random", "alternate"),
     ("optim", "name"): ("sgd", "adam", "adamw"),
     ("optim", "schedule"): ("onecycle", "cosine", "step", "linear", "constant"),
+    ("optim", "milestone_unit"): ("auto", "fraction", "epoch", "step"),
     ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
     ("train", "monitor"): ("val_acc", "val_loss"),
+    ("finetune", "bn"): ("train", "freeze-stats", "freeze"),
+    ("finetune", "head_init"): ("probe", "fresh"),
+    ("finetune", "decay_unit"): ("stage", "block"),
+    ("finetune", "class_weights"): ("none", "balanced"),
 }
 
 
@@ -296,6 +334,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.channels={cfg.data.channels}: use 1 or 3")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must be in [0, 1)")
+    if cfg.train.eval_train < 0:
+        raise ConfigError(f"train.eval_train={cfg.train.eval_train}: a count of images, 0 = off")
+    if cfg.train.lookahead_every is not None and cfg.train.lookahead_every < 1:
+        raise ConfigError("train.lookahead_every must be at least 1 (or null: off)")
+    if not 0 <= cfg.train.lookahead_alpha <= 1:
+        raise ConfigError(f"train.lookahead_alpha={cfg.train.lookahead_alpha}: must be in [0, 1]")
     for key in ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.val_every"):
         s, n = key.split(".")
         if getattr(getattr(cfg, s), n) < 1:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +35,8 @@ def predict(
     device: str | torch.device | None = None,
     model_name: str | None = None,
     out: str | Path | None = None,
+    workers: int | None = None,
+    progress: bool | None = None,
 ) -> list[dict]:
     """Top-k predictions for every image file in `inputs` (files and folders, recursive).
 
@@ -41,17 +44,26 @@ def predict(
     Returns one row per file, in input order: {"path", "topk": [{"label", "prob"}], "error"}.
     Unreadable or missing files get "error" set and an empty "topk".
     If `out` ends in .csv or .json the rows are also saved there.
+    workers: decoding threads (default: one per CPU core, at most 8; PIL releases the GIL while
+    decoding and resizing, so threads scale like processes without pickling images back).
+    progress: show a progress bar (default: on a terminal, for 100+ files).
     """
     from resforge.checkpoint import load_for_inference  # lazy: keeps `import resforge.infer` light
 
     if topk < 1 or batch_size < 1:
         raise ValueError(f"topk and batch_size must be >= 1, got {topk}, {batch_size}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1 (decoding threads), got {workers}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     entries = _expand(inputs)
     model, meta = load_for_inference(source, model_name=model_name, device=str(device))
     rows = {p: _error_row(p, "file not found") for p, exists in entries if not exists}
     paths = [p for p, exists in entries if exists]
-    for path, probs, error in _run_batches(model, meta, paths, batch_size, device):
+    # channels_last: the (B, H, W, C) uint8 batches already have that layout, and oneDNN/cuDNN
+    # convolutions run ~1.2-2x faster in it on CPU; outputs are the same.
+    model = model.to(memory_format=torch.channels_last)
+    batches = _run_batches(model, meta, paths, batch_size, device, workers=workers, progress=progress)
+    for path, probs, error in batches:
         rows[path] = _error_row(path, error) if error is not None else _topk_row(path, probs, meta["class_names"], topk)
     ordered = [rows[p] for p, _ in entries]
     _log_summary(ordered)
@@ -128,29 +140,35 @@ def save_predictions(rows: list[dict], path: str | Path) -> Path:
 # ---------------------------------------------------------------- batching and inference
 
 
-def _run_batches(model, meta: dict, paths: list[str], batch_size: int, device: torch.device) -> Iterator:
+_PREFETCH_BATCHES = 2  # batches decoded ahead of the model: absorbs slow files, bounds memory
+
+
+def _run_batches(model, meta: dict, paths: list[str], batch_size: int, device: torch.device, *,
+                 workers: int | None = None, progress: bool | None = None) -> Iterator:
     """Yield (path, probs (K,) ndarray | None, error | None) per file, in order.
 
-    Decoding runs in a thread pool (PIL releases the GIL) one batch ahead of the model, so
-    decode and inference overlap while memory stays at ~2 batches of images.
+    Decoding runs in a thread pool (PIL releases the GIL in decode and resize) up to
+    _PREFETCH_BATCHES batches ahead of the model, so decode and inference overlap while
+    memory stays at a few batches of images whatever the folder size.
     """
-    prep = _Preprocess(meta)
+    prep = Preprocess(meta)
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool, _progress(len(paths)) as bar:
-        pending = _submit(pool, prep, batches[0]) if batches else []
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool, _progress(len(paths), progress) as bar:
+        pending = deque(_submit(pool, prep, b) for b in batches[:_PREFETCH_BATCHES])
         for i, batch in enumerate(batches):
-            decoded = [f.result() for f in pending]
-            pending = _submit(pool, prep, batches[i + 1]) if i + 1 < len(batches) else []
+            decoded = [f.result() for f in pending.popleft()]
+            if i + _PREFETCH_BATCHES < len(batches):
+                pending.append(_submit(pool, prep, batches[i + _PREFETCH_BATCHES]))
             yield from _infer(model, prep, batch, decoded, device)
             bar.update(len(batch))
 
 
-def _submit(pool: ThreadPoolExecutor, prep: "_Preprocess", batch: list[str]) -> list[Future]:
+def _submit(pool: ThreadPoolExecutor, prep: "Preprocess", batch: list[str]) -> list[Future]:
     return [pool.submit(prep.load, p) for p in batch]
 
 
-def _infer(model, prep: "_Preprocess", batch: list[str], decoded: list, device: torch.device) -> Iterator:
+def _infer(model, prep: "Preprocess", batch: list[str], decoded: list, device: torch.device) -> Iterator:
     """decoded[i] is an (H, W, C) uint8 array or an error string."""
     ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
     probs = _softmax_batch(model, prep, [decoded[i] for i in ok], device) if ok else None
@@ -162,7 +180,7 @@ def _infer(model, prep: "_Preprocess", batch: list[str], decoded: list, device: 
             yield path, None, decoded[i]
 
 
-def _softmax_batch(model, prep: "_Preprocess", arrays: list[np.ndarray], device: torch.device) -> np.ndarray:
+def _softmax_batch(model, prep: "Preprocess", arrays: list[np.ndarray], device: torch.device) -> np.ndarray:
     # Ship uint8 (4x smaller than float) and convert on the device; match the model's dtype.
     dtype = next(model.parameters(), torch.empty(0)).dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
@@ -173,13 +191,19 @@ def _softmax_batch(model, prep: "_Preprocess", arrays: list[np.ndarray], device:
     return torch.softmax(logits.float(), dim=1).cpu().numpy()  # (B, K)
 
 
-class _Preprocess:
-    """Decode + resize + normalise, configured only from checkpoint meta."""
+class Preprocess:
+    """Decode + resize + normalise, configured only from checkpoint (or export) meta.
 
-    def __init__(self, meta: dict):
-        from resforge.data.images import ImageError, decode_image, resize_image
+    Shared by `predict`, the export parity check and the HTTP service, so all three feed a
+    model exactly the same tensors. max_pixels guards against decompression bombs.
+    """
+
+    def __init__(self, meta: dict, *, max_pixels: int | None = None):
+        from resforge.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, resize_image
 
         self._decode, self._resize, self._image_error = decode_image, resize_image, ImageError
+        self.max_pixels = int(max_pixels or DEFAULT_MAX_PIXELS)
+        self.resize_mode = meta.get("resize", "shorter-center-crop")
         self.channels, self.height, self.width = (int(v) for v in meta["input_size"])
         mean = torch.tensor(meta["mean"], dtype=torch.float32)
         std = torch.tensor(meta["std"], dtype=torch.float32)
@@ -191,15 +215,19 @@ class _Preprocess:
         if self.mean.shape[1] != self.channels or self.std.shape[1] != self.channels:
             raise ValueError(f"meta mean/std length does not match input_size channels {self.channels}")
 
+    def decode(self, src) -> np.ndarray:
+        """Path or bytes -> (H, W, C) uint8 at the model's input size; raises ImageError."""
+        arr = self._decode(src, self.channels, max_pixels=self.max_pixels)
+        arr = self._resize(arr, (self.height, self.width), mode=self.resize_mode)
+        arr = arr[:, :, None] if arr.ndim == 2 else arr
+        if arr.shape != (self.height, self.width, self.channels):
+            raise self._image_error("<image>", f"unexpected decoded shape {arr.shape}")
+        return np.ascontiguousarray(arr, dtype=np.uint8)
+
     def load(self, path: str) -> np.ndarray | str:
         """(H, W, C) uint8 ready to stack, or an error message (worker threads must not raise)."""
         try:
-            arr = self._decode(path, self.channels)
-            arr = self._resize(arr, (self.height, self.width), mode="shorter-center-crop")
-            arr = arr[:, :, None] if arr.ndim == 2 else arr
-            if arr.shape != (self.height, self.width, self.channels):
-                return f"unexpected decoded shape {arr.shape}"
-            return np.ascontiguousarray(arr, dtype=np.uint8)
+            return self.decode(path)
         except self._image_error as e:
             return str(e) or type(e).__name__
         except Exception as e:  # noqa: BLE001 — one odd file must not abort a 10k-file run; it is reported
@@ -209,11 +237,20 @@ class _Preprocess:
         """(B, C, H, W) float in 0..255 -> normalised, same shape."""
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
+    def batch(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """[(H, W, C) uint8] -> float32 (B, C, H, W) normalised, C-contiguous (what ONNX
+        Runtime and TorchScript exports take as input)."""
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+        return self.normalise(x).contiguous().numpy()
 
-def _progress(total: int):
+
+_Preprocess = Preprocess  # the earlier private name
+
+
+def _progress(total: int, show: bool | None = None):
     from tqdm.auto import tqdm
 
-    quiet = total < _PROGRESS_MIN_FILES or not sys.stderr.isatty()
+    quiet = (total < _PROGRESS_MIN_FILES or not sys.stderr.isatty()) if show is None else not show
     return tqdm(total=total, unit="img", desc="predict", disable=quiet, leave=False)
 
 

@@ -31,19 +31,27 @@ def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
 
 class TensorBatches:
     def __init__(self, images: np.ndarray, labels: np.ndarray, device: torch.device,
-                 batch_size: int, shuffle: bool = False, drop_last: bool = False):
+                 batch_size: int, shuffle: bool = False, drop_last: bool = False,
+                 sample_weights: np.ndarray | None = None):
         # One copy into (device) memory; a memmap from the cache is read sequentially here.
         self.images = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(device)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
         self.device, self.batch_size, self.shuffle = device, batch_size, shuffle
         # Dropping a last batch of one keeps BatchNorm's batch statistics defined.
         self.drop_last = drop_last and len(self.labels) > batch_size
+        # Optional per-item draw weights (balanced sampling): an epoch is then N draws with
+        # replacement, so rare classes are seen as often as common ones.
+        self.weights = None if sample_weights is None else \
+            torch.as_tensor(np.asarray(sample_weights, np.float64), dtype=torch.float32, device=device)
 
     def __len__(self) -> int:
         return _num_batches(len(self.labels), self.batch_size, self.drop_last)
 
     def batches(self, g: torch.Generator | None = None):
-        order = _order(len(self.labels), self.shuffle, g, self.device)
+        if self.weights is not None and self.shuffle:
+            order = torch.multinomial(self.weights, len(self.labels), replacement=True, generator=g)
+        else:
+            order = _order(len(self.labels), self.shuffle, g, self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.images.index_select(0, idx), self.labels.index_select(0, idx), idx

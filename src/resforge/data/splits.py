@@ -25,6 +25,7 @@ def make_splits(bundle, val_fraction: float = 0.1, seed: int = 0, manifest: dict
 
     Missing "test" and "val" are each carved, stratified, from train with
     round(val_fraction * len(original train)) items; existing splits are kept as they are.
+    val_fraction=0 leaves "val" empty (train on everything; "test" must then exist).
     With a manifest, its splits are applied instead (seed and val_fraction are ignored) and the
     returned manifest keeps its extra keys.
     """
@@ -36,6 +37,9 @@ def make_splits(bundle, val_fraction: float = 0.1, seed: int = 0, manifest: dict
     splits = dict(bundle.splits)
     n = round(val_fraction * len(splits["train"].labels))
     for name in ("test", "val"):
+        if name == "val" and name not in splits and val_fraction == 0:   # no validation: empty split
+            splits["val"] = take(splits["train"], [])
+            continue
         if name not in splits:
             _check_carve(bundle.name, name, n, val_fraction, len(splits["train"].labels))
             splits["train"], splits[name] = _carve(splits["train"], n, seed, name)
@@ -131,6 +135,8 @@ def _id_index(bundle) -> dict:
 def _gather(bundle, refs: list[tuple[str, int]]):
     """Split made of (source split, index) refs, in ref order."""
     sources = list(dict.fromkeys(s for s, _ in refs))
+    if not sources:                                    # an empty split (val_fraction=0)
+        return take(next(iter(bundle.splits.values())), [])
     if len(sources) == 1:
         return take(bundle.splits[sources[0]], [i for _, i in refs])
     parts = [take(bundle.splits[s], [i for ss, i in refs if ss == s]) for s in sources]

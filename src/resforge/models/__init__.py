@@ -77,4 +77,4 @@ def model_info(name: str) -> dict[str, Any]:
 
 
 # Builders register themselves on import; they need register_model, defined above.
-from resforge.models import cifar_resnet, resnet  # noqa: E402,F401
+from resforge.models import cifar_resnet, fastnet, resnet  # noqa: E402,F401

@@ -25,6 +25,7 @@ class EMA:
         if step % self.every:
             return
         self.updates += 1
+        model = getattr(model, "_orig_mod", model)   # torch.compile wrapper: its keys are prefixed
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         ema_state = self.module.state_dict()
         for name, value in model.state_dict().items():

@@ -22,7 +22,9 @@ from resforge.data.loader import epoch_generator
 from resforge.runs import MetricsLog, is_main_process
 from resforge.training.device import Runtime
 from resforge.training.ema import EMA
+from resforge.training.lookahead import Lookahead
 from resforge.training.optim import build_optimizer, build_scheduler, param_groups
+from resforge.training.probes import GradNormMeter, prefixed_metrics
 
 
 @dataclass
@@ -36,17 +38,19 @@ class FitState:
     history: list[dict] = field(default_factory=list)
 
 
-def soft_cross_entropy(label_smoothing: float) -> Callable:
-    """Cross-entropy in fp32 for hard (B,) or soft (B, K) targets (mixup/cutmix)."""
+def soft_cross_entropy(label_smoothing: float, weight: torch.Tensor | None = None) -> Callable:
+    """Cross-entropy in fp32 for hard (B,) or soft (B, K) targets (mixup/cutmix);
+    `weight` (K,) weighs classes (imbalanced fine-tuning sets)."""
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+        w = None if weight is None else weight.to(logits.device)
+        return F.cross_entropy(logits.float(), target, weight=w, label_smoothing=label_smoothing)
     return loss
 
 
 def train_one_epoch(model: nn.Module, batches, augment: Augmenter, opt, sched, rt: Runtime,
                     loss_fn: Callable, *, epoch: int, seed: int, state: FitState,
                     ema: EMA | None = None, clip_grad: float | None = None, scaler=None,
-                    progress: bool = True, desc: str = "") -> dict:
+                    progress: bool = True, desc: str = "", grad_meter: GradNormMeter | None = None) -> dict:
     model.train()
     g = epoch_generator(seed, epoch, rt.device)
     total_loss = torch.zeros((), device=rt.device)
@@ -65,6 +69,8 @@ def train_one_epoch(model: nn.Module, batches, augment: Augmenter, opt, sched, r
             scaler.unscale_(opt)
         else:
             loss.backward()
+        if grad_meter is not None:              # raw (unclipped) per-stage norms
+            grad_meter.update()
         if clip_grad:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         (scaler.step(opt), scaler.update()) if scaler is not None else opt.step()
@@ -84,8 +90,9 @@ def train_one_epoch(model: nn.Module, batches, augment: Augmenter, opt, sched, r
     seconds = time.perf_counter() - t0
     if seen == 0:
         raise ValueError("the training split produced no batch: it is empty or smaller than one batch")
+    grads = grad_meter.epoch_means() if grad_meter is not None else {}
     return {"train_loss": total_loss.item() / seen, "train_acc": correct.item() / seen,
-            "images": seen, "seconds": seconds}
+            "images": seen, "seconds": seconds, **grads}
 
 
 @torch.no_grad()
@@ -127,33 +134,46 @@ class FitResult:
 def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Runtime,
         optim_cfg: OptimConfig, train_cfg: TrainConfig, *, checkpointer=None, resume: dict | None = None,
         metrics_log: MetricsLog | None = None, lr_scale: dict[str, float] | None = None,
-        desc: str = "") -> FitResult:
+        desc: str = "", train_eval_batches=None, loss_fn: Callable | None = None) -> FitResult:
     """Train `model` for train_cfg.epochs with periodic validation; returns the weights to use.
 
     checkpointer(tag, model, state, extra) writes 'last' (+ resume state) and 'best';
-    resume is a state dict written by an earlier call with the same arguments."""
+    resume is a state dict written by an earlier call with the same arguments.
+    train_eval_batches (optional, un-augmented training images) adds train_eval_loss/_acc to
+    every epoch's row; train_cfg.grad_norms adds grad_norm_<stage> (probes.py)."""
     groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_norm_bias, lr_scale)
     opt = build_optimizer(groups, optim_cfg)
     sched = build_scheduler(opt, optim_cfg, train_cfg.epochs, len(train_batches))
     ema = EMA(model, train_cfg.ema, train_cfg.ema_every) if train_cfg.ema else None
+    lookahead = (Lookahead(model, train_cfg.lookahead_every, train_cfg.lookahead_alpha,
+                           train_cfg.epochs * len(train_batches)) if train_cfg.lookahead_every else None)
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     state, best_weights = FitState(), None
     if resume is not None:
-        state, best_weights = _restore(resume, model, opt, sched, ema, scaler)
+        state, best_weights = _restore(resume, model, opt, sched, ema, scaler, lookahead)
         if metrics_log is not None:
             metrics_log.truncate(state.epoch)
     step_model = torch.compile(model) if train_cfg.compile else model
-    loss_fn = soft_cross_entropy(optim_cfg.label_smoothing)
-    t_start = time.perf_counter()
+    loss_fn = loss_fn or soft_cross_entropy(optim_cfg.label_smoothing)
+    grad_meter = GradNormMeter(model) if train_cfg.grad_norms else None
+    if lookahead is not None:
+        lookahead.attach(opt, model)           # syncs after every optimiser step
+    t_start, first_epoch = time.perf_counter(), state.epoch
     for epoch in range(state.epoch, train_cfg.epochs):
         stats = train_one_epoch(step_model, train_batches, augment, opt, sched, rt, loss_fn,
                                 epoch=epoch, seed=train_cfg.seed, state=state, ema=ema,
                                 clip_grad=optim_cfg.clip_grad, scaler=scaler, progress=train_cfg.progress,
-                                desc=f"{desc}epoch {epoch + 1}/{train_cfg.epochs}")
+                                desc=f"{desc}epoch {epoch + 1}/{train_cfg.epochs}", grad_meter=grad_meter)
+        out_of_time = _out_of_time(train_cfg.max_seconds, time.perf_counter() - t_start, epoch + 1 - first_epoch)
+        if lookahead is not None and (out_of_time or epoch + 1 == train_cfg.epochs):
+            lookahead.finish(model)            # the model evaluated and saved is the slow one
         eval_model = ema.module if ema is not None else model
         row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0],
                "train_loss": stats["train_loss"], "train_acc": stats["train_acc"]}
-        last = epoch + 1 == train_cfg.epochs
+        if train_eval_batches is not None:
+            row |= prefixed_metrics(*predict_logits(eval_model, train_eval_batches, augment, rt), "train_eval")
+        row |= {k: v for k, v in stats.items() if k.startswith("grad_norm_")}
+        last = epoch + 1 == train_cfg.epochs or out_of_time
         stop = False
         if val_batches is not None and ((epoch + 1) % train_cfg.val_every == 0 or last):
             row |= val_metrics(*predict_logits(eval_model, val_batches, augment, rt))
@@ -173,10 +193,13 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
         _report_epoch(row, stats, train_cfg, desc)
         if checkpointer is not None:
             checkpointer("last", eval_model, state, row,
-                         resume=_snapshot(state, model, opt, sched, ema, scaler, best_weights))
+                         resume=_snapshot(state, model, opt, sched, ema, scaler, best_weights, lookahead))
         if stop:
             _log(f"{desc}early stop: {train_cfg.monitor} has not improved for "
                  f"{train_cfg.patience} validations (best {state.best:.4f} at epoch {state.best_epoch})")
+            break
+        if out_of_time and epoch + 1 < train_cfg.epochs:
+            _log(f"{desc}time budget train.max_seconds={train_cfg.max_seconds:g} reached after epoch {epoch + 1}")
             break
     final = ema.module if ema is not None else model
     if train_cfg.restore_best and best_weights is not None:
@@ -198,23 +221,32 @@ def _log(msg: str) -> None:
         tqdm.write(msg)
 
 
-def _snapshot(state: FitState, model, opt, sched, ema, scaler, best_weights) -> dict:
+def _out_of_time(budget: float | None, elapsed: float, epochs_done: int) -> bool:
+    """Stop when another epoch would end further past the budget than stopping now falls short
+    of it (so the run ends at the epoch boundary nearest to the budget)."""
+    return budget is not None and elapsed + 0.5 * elapsed / max(epochs_done, 1) > budget
+
+
+def _snapshot(state: FitState, model, opt, sched, ema, scaler, best_weights, lookahead=None) -> dict:
     """Resume state: tensors and plain containers only (loadable with weights_only=True)."""
     return {"fit_state": {k: v for k, v in state.__dict__.items()},
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
+            "lookahead": lookahead.state_dict() if lookahead is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "best_weights": best_weights,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
 
-def _restore(snap: dict, model, opt, sched, ema, scaler) -> tuple[FitState, dict | None]:
+def _restore(snap: dict, model, opt, sched, ema, scaler, lookahead=None) -> tuple[FitState, dict | None]:
     model.load_state_dict(snap["model"])
     opt.load_state_dict(snap["optimizer"])
     sched.load_state_dict(snap["scheduler"])
     if ema is not None and snap.get("ema") is not None:
         ema.load_state_dict(snap["ema"])
+    if lookahead is not None and snap.get("lookahead") is not None:
+        lookahead.load_state_dict(snap["lookahead"])
     if scaler is not None and snap.get("scaler") is not None:
         scaler.load_state_dict(snap["scaler"])
     torch.set_rng_state(snap["rng"]["torch"])

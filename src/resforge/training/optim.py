@@ -16,18 +16,32 @@ from resforge.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool,
-                 lr_scale: dict[str, float] | None = None) -> list[dict]:
+                 lr_scale: dict[str, float] | None = None, hints: dict[str, dict] | None = None) -> list[dict]:
     """Split trainable parameters into decay / no-decay groups (BN weights and all biases are
     1-D, so `ndim <= 1` identifies them).  `lr_scale` maps a parameter-name prefix to a rate
-    multiplier (longest prefix wins) for discriminative fine-tuning."""
+    multiplier (longest prefix wins) for discriminative fine-tuning.
+
+    `hints` (default: `model.param_group_hints()` when the model defines it) maps a parameter
+    name or name prefix (longest wins) to {"frozen": bool, "lr_scale": x, "wd_scale": x,
+    "weight_decay": absolute}: model-specific rules such as airbench's frozen BN scales and
+    64x BN-bias rate.  Hint lr_scale multiplies the `lr_scale` table's."""
+    if hints is None:
+        hints = model.param_group_hints() if hasattr(model, "param_group_hints") else {}
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        hint = _hint_for(name, hints)
+        if not p.requires_grad or hint.get("frozen", False):
             continue
         wd = 0.0 if (no_decay_norm_bias and p.ndim <= 1) else weight_decay
-        scale = _prefix_lookup(name, lr_scale or {})
+        wd = hint.get("weight_decay", wd * hint.get("wd_scale", 1.0))
+        scale = _prefix_lookup(name, lr_scale or {}) * hint.get("lr_scale", 1.0)
         groups.setdefault((wd, scale), []).append(p)
     return [{"params": ps, "weight_decay": wd, "lr_scale": s} for (wd, s), ps in groups.items()]
+
+
+def _hint_for(name: str, hints: dict[str, dict]) -> dict:
+    best = max((k for k in hints if name == k or name.startswith(k + ".")), key=len, default=None)
+    return hints[best] if best is not None else {}
 
 
 def _prefix_lookup(name: str, table: dict[str, float]) -> float:
@@ -68,9 +82,17 @@ def lr_factor(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int) -> 
     if cfg.schedule == "linear":
         return max(0.0, 1 - u)
     if cfg.schedule == "step":
-        marks = [m * total if m <= 1 else m * steps_per_epoch for m in cfg.milestones]
+        marks = [milestone_step(m, cfg.milestone_unit, total, steps_per_epoch) for m in cfg.milestones]
         return cfg.gamma ** sum(step >= m for m in marks)
     return 1.0                                              # constant
+
+
+def milestone_step(m: float, unit: str, total: int, steps_per_epoch: int) -> float:
+    """A step-schedule milestone as an optimiser step.  unit "step" states it in iterations, as
+    He et al. do (32k/48k of 64k); "auto" keeps the old rule: <= 1 a fraction, > 1 an epoch."""
+    if unit == "auto":
+        unit = "fraction" if m <= 1 else "epoch"
+    return {"fraction": m * total, "epoch": m * steps_per_epoch, "step": m}[unit]
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int,

@@ -1,0 +1,128 @@
+"""Inference backends behind one call: float32 (B, C, H, W) normalised -> float32 (B, K) logits.
+
+    torch        eager PyTorch on a run folder / resforge checkpoint / third-party weights
+    torchscript  a `resforge export --format torchscript` artifact (*.torchscript)
+    onnx         a `resforge export --format onnx` artifact, run by ONNX Runtime (*.onnx)
+
+Every backend carries `meta` (class names, input size, mean/std, resize mode, metrics, ...),
+read from the checkpoint sidecar or from the metadata embedded in the artifact, so callers
+preprocess exactly as the model was trained (see infer.Preprocess).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BACKENDS = ("torch", "torchscript", "onnx")
+EXPORT_SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript"}
+META_KEY = "resforge_meta"                 # ONNX metadata_props key holding the meta JSON
+META_FILE = "resforge_meta.json"           # TorchScript extra file holding the same JSON
+
+
+def missing_extra(package: str, extra: str) -> ImportError:
+    """The error every lazy import of an optional dependency raises."""
+    return ImportError(f"{package} is not installed; install it with `pip install resforge[{extra}]` "
+                       f"(or `pip install '.[{extra}]'` from a checkout)")
+
+
+class TorchBackend:
+    """Eager PyTorch. channels_last: the layout oneDNN convolutions are fastest in on CPU."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, meta: dict, *, device: str = "cpu", channels_last: bool = True):
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.eval().to(self.device, memory_format=fmt)
+        self.meta = meta
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        if self.channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return self.model(t).float().cpu().numpy()
+
+
+class TorchScriptBackend:
+    name = "torchscript"
+
+    def __init__(self, path: str | Path, *, device: str = "cpu"):
+        extra = {META_FILE: ""}
+        self.device = torch.device(device)
+        self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra)
+        self.meta = _parse_meta(extra[META_FILE], path)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        with torch.no_grad():
+            return self.module(t).float().cpu().numpy()
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise missing_extra("onnxruntime", "onnx") from None
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.log_severity_level = 3  # warnings about unused initialisers etc. are noise here
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        custom = self.session.get_modelmeta().custom_metadata_map
+        self.meta = _parse_meta(custom.get(META_KEY, ""), path)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+def _parse_meta(text: str | bytes, path) -> dict:
+    if not text:
+        raise ValueError(f"{path} carries no resforge metadata ({META_KEY}): it was not written by "
+                         "`resforge export`; export the run again with `resforge export RUN`")
+    return json.loads(text)
+
+
+def artifact_format(path: str | Path) -> str | None:
+    """'onnx' / 'torchscript' for an exported artifact's file name, else None."""
+    suffix = Path(path).suffix.lower()
+    return next((f for f, s in EXPORT_SUFFIX.items() if s == suffix), None)
+
+
+def load_backend(source: str | Path, backend: str = "auto", *, model_name: str | None = None,
+                 device: str = "cpu"):
+    """A ready backend for a run folder, checkpoint, weights file or exported artifact.
+
+    backend "auto": what the source is (artifact -> its runtime, weights -> torch). A run or
+    checkpoint with backend onnx/torchscript is exported on first use (parity-checked) and
+    the artifact next to its weights is reused afterwards.
+    """
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown backend {backend!r}: use one of auto, {', '.join(BACKENDS)}")
+    fmt = artifact_format(source)
+    if fmt is not None:
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"exported model not found: {source}")
+        if backend not in ("auto", fmt):
+            raise ValueError(f"{source} is a {fmt} export; it cannot run on the {backend} backend: "
+                             f"pass --backend {fmt} or the run folder it was exported from")
+        return _open_artifact(source, fmt, device)
+    if backend in ("auto", "torch"):
+        from resforge.checkpoint import load_for_inference
+        model, meta = load_for_inference(source, model_name=model_name, device=device)
+        return TorchBackend(model, meta, device=device)
+    from resforge.export import ensure_export
+    return _open_artifact(ensure_export(source, backend, model_name=model_name), backend, device)
+
+
+def _open_artifact(path, fmt: str, device: str):
+    return OnnxBackend(path) if fmt == "onnx" else TorchScriptBackend(path, device=device)

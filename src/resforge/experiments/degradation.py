@@ -1,0 +1,272 @@
+"""He et al. 2016's degradation experiment: plainD vs resnetD twins trained with one recipe.
+
+Deeper *plain* nets end with higher training error than shallower ones (not overfitting:
+they fit the training set worse), while the residual twins, identical but for the
+parameter-free option-A shortcuts, get better with depth (paper Fig. 6, Table 6).
+
+Layout (every run is a normal run folder, resumable with `resforge train --resume`):
+
+    runs/degradation-<name>/
+        experiment.json          settings (recipe, epochs, overrides): a rerun must match them
+        plain20-s0/ resnet20-s0/ plain56-s0/ ...      one run per (family, depth, seed)
+        degradation.png          error curves: training (dashed) and held-out (solid) per depth
+        degradation.md / .json   final train / val / test error per network (+ per seed)
+        grad_norms.png           per-stage gradient norms over training, plain vs residual
+
+Training error is `train_eval_acc` (a fixed, un-augmented 10k training subset evaluated in
+eval mode each epoch, see training/probes.py); the loop's `train_acc` (augmented batches, moving
+weights) is only a fallback.  Per-epoch held-out curves use the 5k validation split, never
+used for model selection (`train.restore_best=false`); the official test set is evaluated
+once, on the final weights.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from resforge.checkpoint import atomic_write_text
+from resforge.config import load_config, parse_override, resolve_key
+from resforge.models import create_model
+from resforge.plots import read_metrics_csv
+
+DEFAULT_RECIPE = "he2016-cifar10-short"
+FAMILIES = ("plain", "resnet")
+# He et al. 2016, Table 6 (CIFAR-10 test error, %, option A, 64k iterations)
+PAPER_TEST_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43}
+DEFAULT_EVAL_TRAIN = 10_000
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    family: str          # "plain" | "resnet"
+    depth: int           # 6n + 2
+    seed: int
+
+    @property
+    def model(self) -> str:
+        return f"{self.family}{self.depth}"
+
+    @property
+    def folder(self) -> str:
+        return f"{self.model}-s{self.seed}"
+
+
+def run_specs(depths, seeds) -> list[RunSpec]:
+    """Seed-major order, so a first complete seed (all depths, both families) lands early."""
+    return [RunSpec(f, d, s) for s in seeds for d in depths for f in FAMILIES]
+
+
+# ---------------------------------------------------------------- twins
+
+def weighted_layers(model: nn.Module) -> int:
+    """Conv + fully connected layers: the "depth" He et al. count (6n + 2)."""
+    return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+
+
+def twin_check(depth: int, num_classes: int = 10) -> dict:
+    """Build plainD and resnetD (on the meta device: shapes only) and check that they have the
+    same layers and the same parameter list -- the shortcut is the only difference."""
+    with torch.device("meta"):
+        plain, res = (create_model(f"{f}{depth}", num_classes=num_classes) for f in FAMILIES)
+    shapes = [[(n, tuple(p.shape)) for n, p in m.named_parameters()] for m in (plain, res)]
+    out = {"depth": depth, "layers": weighted_layers(res), "params": sum(p.numel() for p in res.parameters()),
+           "same_layers": weighted_layers(plain) == weighted_layers(res) == depth,
+           "same_parameters": shapes[0] == shapes[1]}
+    if not (out["same_layers"] and out["same_parameters"]):
+        raise ValueError(f"plain{depth} and resnet{depth} are not twins: {out}")
+    return out
+
+
+# ---------------------------------------------------------------- running
+
+def experiment_dir(project: str | Path, name: str) -> Path:
+    return Path(project) / f"degradation-{name}"
+
+
+# Where the data is and how training reports itself: not part of what the experiment measures.
+ENVIRONMENT_KEYS = {"data.data_root", "data.cache_dir", "data.workers", "train.progress"}
+
+
+def _comparable(settings: dict) -> dict:
+    keep = [o for o in settings["overrides"] if ".".join(resolve_key(parse_override(o)[0])) not in ENVIRONMENT_KEYS]
+    return {**settings, "overrides": keep}
+
+
+def _check_settings(exp_dir: Path, settings: dict) -> None:
+    """A rerun continues the same experiment: its settings must match the first call's
+    (data location and progress display aside)."""
+    path = exp_dir / "experiment.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if _comparable(saved) != _comparable(settings):
+            raise ValueError(f"{exp_dir} was started with {saved}, not {settings}: rerun with the same "
+                             "recipe/epochs/overrides to resume it, or pass --name to start another")
+        return
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(settings, indent=2))
+
+
+def run_overrides(spec: RunSpec, exp_dir: Path, settings: dict) -> list[str]:
+    """The recipe's config for one twin: user overrides first, then what the experiment fixes."""
+    out = list(settings["overrides"])
+    if settings["epochs"] is not None:
+        out.append(f"train.epochs={settings['epochs']}")
+    base = load_config(settings["recipe"], out)
+    if base.train.eval_train == 0:                      # the figure needs real training error
+        out.append(f"train.eval_train={DEFAULT_EVAL_TRAIN}")
+    return out + [f"model.name={spec.model}", f"train.seed={spec.seed}", "train.grad_norms=true",
+                  f"train.project={exp_dir}", f"train.name={spec.folder}"]
+
+
+def run_one(spec: RunSpec, exp_dir: Path, settings: dict, train_fn: Callable) -> str:
+    """Train one twin, resume it, or skip it if finished; returns "skipped" | "resumed" | "trained"."""
+    run_dir = exp_dir / spec.folder
+    if (run_dir / "report.json").is_file():             # written last: the run is complete
+        return "skipped"
+    if (run_dir / "config.json").is_file():             # started: continue from weights/last.state.pt
+        train_fn(resume=run_dir)
+        return "resumed"
+    if run_dir.is_dir():
+        run_dir.rmdir()   # created but killed before writing anything; fails loudly if not empty
+    train_fn(settings["recipe"], run_overrides(spec, exp_dir, settings))
+    return "trained"
+
+
+def run_degradation(depths=(20, 56), seeds=(0,), *, recipe: str = DEFAULT_RECIPE, epochs: int | None = None,
+                    overrides=(), name: str | None = None, project: str | Path = "runs",
+                    train_fn: Callable | None = None) -> dict:
+    """Train (or resume) every (family, depth, seed) run, then write the figures and the table.
+    Returns the summary also saved as degradation.json."""
+    if train_fn is None:
+        from resforge.api import train as train_fn      # api imports nothing from here
+    depths, seeds = sorted({int(d) for d in depths}), list(dict.fromkeys(int(s) for s in seeds))
+    exp_dir = experiment_dir(project, name or Path(recipe).stem)
+    settings = {"recipe": recipe, "epochs": epochs, "overrides": list(overrides)}
+    twins = [twin_check(d) for d in depths]
+    _check_settings(exp_dir, settings)
+    for spec in run_specs(depths, seeds):
+        status = run_one(spec, exp_dir, settings, train_fn)
+        print(f"degradation: {spec.folder} {status}", flush=True)
+    summary = summarise(exp_dir, depths, seeds, twins, settings)
+    write_outputs(exp_dir, summary)
+    return summary
+
+
+# ---------------------------------------------------------------- results
+
+def load_run(run_dir: Path, spec: RunSpec) -> dict:
+    """Curves (error in %, per epoch) and final errors of one finished run."""
+    cols = read_metrics_csv(run_dir / "metrics.csv")
+    report = json.loads((run_dir / "report.json").read_text())
+    source = "train_eval_acc" if "train_eval_acc" in cols else "train_acc"
+    err = lambda acc: np.round(100 * (1 - acc), 3)            # noqa: E731
+    curves = {"epoch": cols["epoch"].astype(int).tolist(), "train_error": err(cols[source]).tolist(),
+              "val_error": err(cols["val_acc"]).tolist() if "val_acc" in cols else []}
+    grads = {k.removeprefix("grad_norm_"): v.tolist() for k, v in cols.items() if k.startswith("grad_norm_")}
+    final = {s: round(100 * (1 - report[s]["top1"]), 3) for s in ("val", "test") if s in report}
+    return {**asdict(spec), "model": spec.model, "train_error": curves["train_error"][-1],
+            "train_error_source": source, "val_error": final.get("val"), "test_error": final.get("test"),
+            "train_seconds": report.get("train_seconds"), "epochs": len(curves["epoch"]),
+            "curves": curves, "grad_norms": grads}
+
+
+def _stats(values: list[float]) -> dict:
+    v = [x for x in values if x is not None]
+    if not v:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": round(float(np.mean(v)), 3), "std": round(float(np.std(v)), 3), "n": len(v)}
+
+
+def aggregate(runs: list[dict], twins: list[dict]) -> list[dict]:
+    """One row per (family, depth): mean/std over seeds of the final errors."""
+    info = {t["depth"]: t for t in twins}
+    rows = []
+    for fam in FAMILIES:
+        for depth in sorted(info):
+            mine = [r for r in runs if r["family"] == fam and r["depth"] == depth]
+            if not mine:
+                continue
+            rows.append({"model": f"{fam}{depth}", "family": fam, "depth": depth,
+                         "layers": info[depth]["layers"], "params": info[depth]["params"],
+                         **{k: _stats([r[k] for r in mine]) for k in ("train_error", "val_error", "test_error")},
+                         "paper_test_error": PAPER_TEST_ERROR.get(f"{fam}{depth}"),
+                         "seeds": [r["seed"] for r in mine]})
+    return rows
+
+
+def findings(runs: list[dict], depths: list[int], seeds: list[int]) -> dict:
+    """Per seed: does the deepest plain net end with HIGHER training error than the shallowest,
+    and the deepest ResNet with LOWER? (the paper's finding; None where runs are missing)."""
+    lo, hi = min(depths), max(depths)
+    by = {(r["family"], r["depth"], r["seed"]): r["train_error"] for r in runs}
+    per_seed = {}
+    for s in seeds:
+        pl, ph, rl, rh = (by.get((f, d, s)) for f in FAMILIES for d in (lo, hi))
+        complete = None not in (pl, ph, rl, rh)
+        per_seed[str(s)] = {"plain_degrades": complete and ph > pl, "resnet_improves": complete and rh < rl,
+                            "complete": complete}
+    ok = [v["plain_degrades"] and v["resnet_improves"] for v in per_seed.values() if v["complete"]]
+    return {"shallow": lo, "deep": hi, "per_seed": per_seed,
+            "reproduced_every_seed": bool(ok) and all(ok) and len(ok) == len(seeds)}
+
+
+def summarise(exp_dir: Path, depths, seeds, twins, settings) -> dict:
+    runs = [load_run(exp_dir / s.folder, s) for s in run_specs(depths, seeds)
+            if (exp_dir / s.folder / "report.json").is_file()]
+    return {"experiment": exp_dir.name, "settings": settings, "depths": list(depths), "seeds": list(seeds),
+            "twins": twins, "table": aggregate(runs, twins), "findings": findings(runs, depths, seeds),
+            "runs": runs}
+
+
+def write_outputs(exp_dir: Path, summary: dict) -> None:
+    from resforge.experiments.figures import plot_degradation, plot_grad_norms
+    atomic_write_text(exp_dir / "degradation.json", json.dumps(summary, indent=2))
+    atomic_write_text(exp_dir / "degradation.md", render_table(summary))
+    plot_degradation(summary, exp_dir / "degradation.png")
+    plot_grad_norms(summary, exp_dir / "grad_norms.png")
+
+
+# ---------------------------------------------------------------- table
+
+def _cell(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "–"
+    return f"{stat['mean']:.2f}" + (f" ± {stat['std']:.2f}" if stat["n"] > 1 else "")
+
+
+def _label(fam: str, depth: int) -> str:
+    return f"{'plain' if fam == 'plain' else 'ResNet'}-{depth}"
+
+
+def render_table(summary: dict) -> str:
+    """degradation.md: the final-error table and the finding, per seed."""
+    s, f = summary["settings"], summary["findings"]
+    lines = [f"# Degradation: plain vs residual ({summary['experiment']})", "",
+             f"Recipe `{s['recipe']}`" + (f", {s['epochs']} epochs" if s["epochs"] else "")
+             + (f", overrides `{' '.join(s['overrides'])}`" if s["overrides"] else "")
+             + f"; seeds {', '.join(map(str, summary['seeds']))} (mean ± std over seeds). Errors in %.", "",
+             "| network | layers | params | train error | val error | test error | paper test error |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["table"]:
+        paper = f"{r['paper_test_error']:.2f}" if r["paper_test_error"] else "–"
+        lines.append(f"| {_label(r['family'], r['depth'])} | {r['layers']} | {r['params'] / 1e6:.2f}M | "
+                     f"{_cell(r['train_error'])} | {_cell(r['val_error'])} | {_cell(r['test_error'])} | {paper} |")
+    lines += ["", "Train error: final weights on a fixed, un-augmented training subset (eval mode). "
+              "Val: the 5k held-out split. Test: the official 10k test set, single view.", ""]
+    lines += [_finding_line(seed, v, f["shallow"], f["deep"]) for seed, v in f["per_seed"].items()]
+    verdict = "reproduced for every seed" if f["reproduced_every_seed"] else "NOT reproduced for every seed"
+    return "\n".join(lines + ["", f"**Finding: {verdict}.**", ""])
+
+
+def _finding_line(seed: str, v: dict, lo: int, hi: int) -> str:
+    if not v["complete"]:
+        return f"- seed {seed}: incomplete"
+    yes = lambda b: "yes" if b else "NO"                      # noqa: E731
+    return (f"- seed {seed}: plain-{hi} trains worse than plain-{lo}: {yes(v['plain_degrades'])}; "
+            f"ResNet-{hi} trains better than ResNet-{lo}: {yes(v['resnet_improves'])}")

@@ -1,0 +1,12 @@
+"""Fine-tuning pretrained ResNets: policies, cached-feature probes, lr-find, before/after report.
+
+    from resforge.finetune import finetune, lr_find
+    run = finetune("runs/imagenette/", data="breastmnist.npz", policy="gradual",
+                   overrides=["finetune.input_size=128", "train.epochs=10"])
+    run.rows        # (a) prototype head, (b) linear probe, (c) the policy, on the same test split
+
+policies.py (what trains, BN modes, phase plans), probe.py (cached features, linear probe,
+prototype head), source.py (reading pretrained weights), lrfind.py, report.py, run.py.
+"""
+from resforge.finetune.policies import POLICIES, Phase, parse_policy, plan  # noqa: F401
+from resforge.finetune.run import FinetuneRun, finetune, lr_find  # noqa: F401

@@ -1,0 +1,170 @@
+"""Heads on frozen features: features computed once and cached, a linear probe trained on them
+through the ordinary loop, and a prototype (nearest-class-mean) head that needs no training.
+
+The probe is `fit` run on (N, D, 1, 1) feature "images" with an identity augmenter: the same
+optimiser, schedule, early stopping and restore-best as any run, but each epoch over cached
+features costs milliseconds instead of a pass through the backbone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resforge.config import OptimConfig, TrainConfig
+from resforge.training.loop import fit
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, batches, augment, rt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled pre-logit features (N, D) fp32 on CPU and labels (N,), in split order; the
+    backbone runs in eval mode (BN uses its running statistics), images as at evaluation."""
+    model.eval()
+    feats, labels = [], []
+    for x_u8, y, _ in batches.batches(None):
+        x = augment.normalize(x_u8)
+        if x.shape[-2:] != augment.out_hw:
+            x = F.interpolate(x, size=augment.out_hw, mode="bilinear", antialias=True, align_corners=False)
+        with rt.autocast():
+            f = model.forward_head(model.forward_features(rt.to_input(x)), pre_logits=True)
+        feats.append(f.float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+class FeatureBatches:
+    """Batches of cached features shaped (B, D, 1, 1), with the TensorBatches interface."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 sample_weights: np.ndarray | None = None, device: torch.device | str = "cpu"):
+        self.x = feats.to(device)[:, :, None, None]
+        self.y = labels.to(device)
+        self.batch_size, self.shuffle, self.device = batch_size, shuffle, torch.device(device)
+        self.weights = None if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.float32,
+                                                                           device=device)
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def batches(self, g: torch.Generator | None = None):
+        n = len(self.y)
+        if self.shuffle and self.weights is not None:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=g)
+        elif self.shuffle:
+            order = torch.randperm(n, generator=g, device=self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx], idx
+
+
+class IdentityAugment:
+    """The augmenter interface for features that are already inputs: no change."""
+    out_hw = (1, 1)
+
+    def __call__(self, x, y, index, epoch, g):
+        return x, y
+
+    def normalize(self, x):
+        return x
+
+
+class ProbeHead(nn.Module):
+    """standardise -> dropout -> fc on pooled features. Standardising (with the training
+    features' mean/std, fixed buffers) makes the convex probe well conditioned whatever the
+    backbone's feature scale; `model_fc_state()` folds it back into a plain fc for the model."""
+
+    def __init__(self, fc: nn.Linear, drop_rate: float = 0.0, mean: torch.Tensor | None = None,
+                 std: torch.Tensor | None = None):
+        super().__init__()
+        d = fc.in_features
+        self.register_buffer("mu", torch.zeros(d) if mean is None else mean.detach().float().cpu().clone())
+        self.register_buffer("sd", torch.ones(d) if std is None else std.detach().float().cpu().clamp(min=1e-6).clone())
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(d, fc.out_features)
+        with torch.no_grad():                             # start where the model's head is
+            w, b = fc.weight.detach().float().cpu(), fc.bias.detach().float().cpu()
+            self.fc.weight.copy_(w * self.sd)
+            self.fc.bias.copy_(b + w @ self.mu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (torch.flatten(x, 1) - self.mu) / self.sd
+        return self.fc(self.drop(z))
+
+    @torch.no_grad()
+    def model_fc_state(self) -> dict[str, torch.Tensor]:
+        """fc weights for raw features: W' = W / sd, b' = b - W' mu."""
+        w = self.fc.weight / self.sd
+        return {"weight": w.clone(), "bias": (self.fc.bias - w @ self.mu).clone()}
+
+
+def probe_configs(optim: OptimConfig, train: TrainConfig, epochs: int, lr: float, wd: float
+                  ) -> tuple[OptimConfig, TrainConfig]:
+    """AdamW + cosine for a convex head (robust without tuning); label smoothing, patience and
+    restore-best carry over from the run's own settings."""
+    o = OptimConfig(name="adamw", lr=lr, weight_decay=wd, schedule="cosine", warmup_epochs=0,
+                    label_smoothing=optim.label_smoothing, no_decay_norm_bias=True)
+    t = dataclasses.replace(train, epochs=epochs, ema=None, compile=False, progress=False, val_every=1)
+    return o, t
+
+
+def linear_probe(fc: nn.Linear, train_feats, val_feats, rt, optim: OptimConfig, train: TrainConfig, *,
+                 epochs: int, lr: float, wd: float, drop_rate: float = 0.0, loss_fn=None,
+                 sample_weights=None, metrics_log=None):
+    """Train a linear head on cached features with the training loop; -> (ProbeHead, FitResult)."""
+    feats = train_feats[0]
+    head = ProbeHead(fc, drop_rate, feats.mean(0), feats.std(0) if len(feats) > 1 else None).to(rt.device)
+    o, t = probe_configs(optim, train, epochs, lr, wd)
+    bs = min(train.batch_size, len(train_feats[1]))
+    tb = FeatureBatches(*train_feats, bs, shuffle=True, sample_weights=sample_weights, device=rt.device)
+    vb = FeatureBatches(*val_feats, train.eval_batch_size, device=rt.device) if val_feats is not None else None
+    result = fit(head, tb, vb, IdentityAugment(), rt, o, t, loss_fn=loss_fn, metrics_log=metrics_log,
+                 desc="probe ")
+    return result.model, result
+
+
+@torch.no_grad()
+def probe_logits(head: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    head.eval()
+    p = next(head.parameters())
+    return head(feats.to(p.device)[:, :, None, None]).float().cpu()
+
+
+# ---------------------------------------------------------------- prototype head
+
+class PrototypeHead:
+    """Nearest class mean without training: features are centred on the training mean and
+    L2-normalised (SimpleShot's CL2N, which makes plain cosine NCM competitive), logits are
+    scale * cosine to each class mean. The scale is a temperature: it changes calibration,
+    never the predicted class, so it is fitted on the validation split."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, num_classes: int):
+        self.center = feats.mean(0)
+        z = self._embed(feats)
+        sums = torch.zeros(num_classes, z.shape[1]).index_add_(0, labels, z)
+        counts = torch.bincount(labels, minlength=num_classes)
+        if (counts == 0).any():
+            missing = torch.nonzero(counts == 0).flatten().tolist()
+            raise ValueError(f"prototype head: classes {missing} have no training images; "
+                             "every class needs at least one")
+        self.protos = F.normalize(sums / counts[:, None], dim=1)
+        self.scale = 10.0
+
+    def _embed(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.normalize(feats - self.center, dim=1)
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.scale * self._embed(feats) @ self.protos.T
+
+    def fit_scale(self, feats: torch.Tensor, labels: torch.Tensor) -> float:
+        """The scale minimising validation NLL over a log grid (1-D: a grid is exact enough)."""
+        cos = self._embed(feats) @ self.protos.T
+        grid = [10 ** (k / 20) for k in range(-20, 61)]   # 0.1 .. 1000
+        nll = [F.cross_entropy(s * cos, labels).item() for s in grid]
+        self.scale = grid[int(np.argmin(nll))] if all(map(math.isfinite, nll)) else 10.0
+        return self.scale
