@@ -1,5 +1,9 @@
 """Shared by the export / serve / batch-predict tests: one tiny trained run per test session,
-free ports, and a real `resforge serve` subprocess.
+free ports, a real `resforge serve` subprocess, and one torch thread.
+
+One thread (`torch_one_thread`, `--threads 1` for servers): these tests run tiny inputs where
+threads buy nothing, and on a shared, oversubscribed CPU torch's OpenMP threads can run 10x
+slower at 2 threads than at 1 (measured); one thread keeps the tests fast under any load.
 
 Not a conftest: the run is cached under pytest's session base temp folder, so every test
 file that asks for it reuses the first one's (training it once costs ~5 s).
@@ -16,9 +20,28 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_one_thread():
+    """Import into a test module to run its tests with one torch thread."""
+    with one_thread():
+        yield
 
 
 def trained_run(tmp_path_factory) -> Path:
@@ -27,9 +50,10 @@ def trained_run(tmp_path_factory) -> Path:
     run = root / "runs" / "x"
     if not (run / "weights" / "best.safetensors").is_file():
         import resforge
-        resforge.train("digits", ["data.image_size=8", "train.epochs=1", "train.progress=false",
-                                  f"train.project={root / 'runs'}", "train.name=x",
-                                  f"data.cache_dir={root / 'cache'}"])
+        with one_thread():
+            resforge.train("digits", ["data.image_size=8", "train.epochs=1", "train.progress=false",
+                                      f"train.project={root / 'runs'}", "train.name=x",
+                                      f"data.cache_dir={root / 'cache'}"])
     return run
 
 

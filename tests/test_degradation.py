@@ -17,7 +17,7 @@ from resforge.training.probes import GradNormMeter, fixed_subset_index
 
 DEPTHS, EPOCHS = (20, 32), 2
 # The short recipe, shrunk to the embedded digits set at 8x8 so four runs take seconds.
-TINY = ["data.source=digits", "data.image_size=8", "aug.translate=1", "train.eval_train=256",
+TINY = ["data.source=digits", "data.image_size=8", "aug.translate=1", "train.eval_train=256", "eval.splits=[test]",
         "train.progress=false"]
 
 
@@ -25,8 +25,18 @@ def _tiny(tmp_path):
     return TINY + [f"data.cache_dir={tmp_path / 'cache'}"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny 8x8 batches gain nothing from threads, and on a shared CPU OpenMP's spinning
+    threads slow small kernels (batch norm) by 100x; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
+def experiment(tmp_path_factory, one_thread):
     """One finished tiny experiment shared by the tests below (they copy it before changing it)."""
     root = tmp_path_factory.mktemp("deg")
     summary = dg.run_degradation(DEPTHS, [0], epochs=EPOCHS, overrides=_tiny(root), name="tiny", project=root)
@@ -118,6 +128,24 @@ def test_rerun_with_other_settings_is_refused(experiment):
     root, _ = experiment
     with pytest.raises(ValueError, match="--name"):
         dg.run_degradation(DEPTHS, [0], epochs=EPOCHS + 1, overrides=_tiny(root), name="tiny", project=root)
+
+
+def test_run_state_tells_finished_started_and_stub_folders_apart(tmp_path):
+    run = tmp_path / "plain20-s0"
+    assert dg.run_state(run) == "absent"
+    run.mkdir()
+    (run / "config.yaml").write_text("x")
+    (run / ".config.json.123.tmp").write_text("x")
+    assert dg.run_state(run) == "stub"                  # killed while writing its first files
+    for f in ("config.json", "splits.json"):
+        (run / f).write_text("{}")
+    assert dg.run_state(run) == "started"
+    (run / "report.json").write_text("{}")
+    assert dg.run_state(run) == "finished"
+    odd = tmp_path / "resnet20-s0"
+    (odd / "weights").mkdir(parents=True)
+    with pytest.raises(ValueError, match="move it away"):
+        dg.run_state(odd)
 
 
 def test_findings_compare_shallowest_and_deepest_per_seed():

@@ -19,6 +19,29 @@ FAST = ["train.epochs=1", "train.batch_size=16", "train.eval_batch_size=64", "tr
         "finetune.probe_epochs=2", "finetune.unfreeze_epochs=1", "optim.lr=0.01"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on tiny batches: one thread is fastest, and immune to a busy machine
+    (two OpenMP threads on a loaded 2-core box run ~10x slower than one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def no_plots(request, monkeypatch):
+    """PNG rendering is most of a tiny run's time: only the report test draws the figures."""
+    if "with_plots" in request.fixturenames:
+        return
+    import resforge.finetune.report as ft_report
+    import resforge.plots
+    import resforge.report
+    for mod, name in ((resforge.plots, "plot_training_curves"), (resforge.report, "plot_confusion"),
+                      (ft_report, "plot_comparison")):
+        monkeypatch.setattr(mod, name, lambda *a, **k: None)
+
+
 @pytest.fixture(scope="module")
 def tiny_npz(shared_data, tmp_path_factory):
     """48 train / 16 val / 24 test real BreastMNIST images (both classes in every split)."""
@@ -66,7 +89,6 @@ def _printed_trainable(out: str) -> list[int]:
 
 
 @pytest.mark.parametrize("policy, frozen_prefixes", [
-    ("linear-probe", ("conv1", "bn1", "layer1", "layer2", "layer3")),
     ("last-stages:1", ("conv1", "bn1", "layer1", "layer2")),
     ("stages:layer2", ("conv1", "bn1", "layer1", "layer3")),
 ])
@@ -84,8 +106,13 @@ def test_frozen_stages_and_their_bn_statistics_do_not_move(policy, frozen_prefix
 
 
 def test_linear_probe_trains_the_head_only_and_matches_its_report_row(resnet20, tiny_npz, tmp_path, cache, capsys):
+    before = _initial(resnet20)
     run = _ft(resnet20, tiny_npz, tmp_path, cache, "linear-probe")
+    after = run.model.state_dict()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before if not k.startswith("fc."))
+    assert not torch.equal(before["fc.weight"], after["fc.weight"].cpu())
     a, b, c = run.rows
+    assert _printed_trainable(capsys.readouterr().out) == [130]
     assert b["trainable_params"] == c["trainable_params"] == 64 * 2 + 2
     assert a["trainable_params"] == 0
     assert abs(b["top1"] - c["top1"]) < 1e-9                  # the probe's head, evaluated in the model
@@ -102,7 +129,7 @@ def test_bitfit_trains_biases_and_bn_affine_only_with_frozen_statistics(resnet20
     assert any(not torch.equal(before[k], after[k].cpu()) for k in before if k.endswith("bn1.weight"))
     bn_affine = sum(v.numel() for k, v in before.items() if re.search(r"bn\d\.(weight|bias)$", k))
     expected = bn_affine + 64 * 2 + 2
-    assert _printed_trainable(capsys.readouterr().out) == [expected]
+    assert _printed_trainable(capsys.readouterr().out) == [130, expected]      # probe row (b), then bitfit
     assert run.rows[-1]["trainable_params"] == expected
 
 
@@ -123,7 +150,8 @@ def test_lora_counts_adapters_and_merges_into_a_plain_checkpoint(resnet20, tiny_
     # LoRA on a conv (cin, cout, k): A is (r, cin, k, k), B is (cout, r, 1, 1)
     convs = [v for k, v in before.items() if v.ndim == 4]
     expected = sum(2 * w.shape[1] * w.shape[2] * w.shape[3] + w.shape[0] * 2 for w in convs) + 64 * 2 + 2
-    assert _printed_trainable(capsys.readouterr().out) == [expected]
+    assert _printed_trainable(capsys.readouterr().out) == [130, expected]      # probe (head first), then LoRA
+    assert run.rows[-1]["trainable_params"] == expected
     after = run.model.state_dict()
     assert set(after) == set(before)                          # adapters merged away
     assert all(torch.equal(before[k], after[k].cpu()) for k in _bn_buffers(before))
@@ -137,7 +165,12 @@ def test_lora_without_the_extra_says_how_to_install_it(resnet20, tiny_npz, tmp_p
         _ft(resnet20, tiny_npz, tmp_path, cache, "lora")
 
 
-def test_gradual_unfreezes_from_the_top_and_writes_the_report(resnet20, tiny_npz, tmp_path, cache):
+@pytest.fixture
+def with_plots():
+    """Requested by the one test that checks the figures (see no_plots)."""
+
+
+def test_gradual_unfreezes_from_the_top_and_writes_the_report(resnet20, tiny_npz, tmp_path, cache, with_plots):
     run = _ft(resnet20, tiny_npz, tmp_path, cache, "gradual")
     assert [p["name"] for p in run.phases] == ["probe", "layer3+", "layer2+", "layer1+", "all"]
     trainable = [p["trainable"] for p in run.phases[1:]]
@@ -194,12 +227,19 @@ def test_bad_input_is_one_clear_line(args, words, resnet20, tiny_npz, tmp_path, 
     assert code == 2 and re.search(words, err), err
 
 
-def test_lr_find_plots_and_suggests_a_rate_and_leaves_weights_alone(resnet20, tiny_npz, tmp_path, cache):
-    res = lr_find(resnet20, data=str(tiny_npz), policy="full", out=tmp_path / "lrf", steps=12, start=1e-5, end=1.0,
-                  overrides=FAST + ["finetune.head_init=fresh", f"data.cache_dir={cache}"])
-    assert 1e-6 <= res["suggested"] <= 0.1 and len(res["lrs"]) <= 12
+def test_lr_find_plots_and_suggests_a_rate_and_leaves_weights_alone(resnet20, tiny_npz, tmp_path, cache, capsys):
+    code = main(["lr-find", "--from", str(resnet20), "--data", str(tiny_npz), "--policy", "full",
+                 "--out", str(tmp_path / "lrf"), "--steps", "12", "--start-lr", "1e-5", *FAST,
+                 "finetune.head_init=fresh", f"data.cache_dir={cache}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "suggested optim.lr=" in out
+    res = json.loads((tmp_path / "lrf" / "lr_find.json").read_text())
+    assert 1e-6 <= res["suggested"] <= 0.1 and len(res["lrs"]) <= 12 and res["target"].endswith("phase 'full'")
     assert (tmp_path / "lrf" / "lr_find.png").is_file()
-    assert json.loads((tmp_path / "lrf" / "lr_find.json").read_text())["suggested"] == res["suggested"]
+    # without --from: the recipe's model from scratch; the model's weights are restored afterwards
+    res = lr_find(recipe="digits", steps=8, out=tmp_path / "lrf2",
+                  overrides=["data.image_size=8", "train.batch_size=64", f"data.cache_dir={cache}"])
+    assert res["target"] == "resnet20 from scratch" and len(res["lrs"]) == 8
 
 
 def test_scratch_control_runs_through_the_same_pipeline(tiny_npz, tmp_path, cache):

@@ -37,9 +37,16 @@ def _train(a) -> int:
     return 0
 
 
+def _source(a) -> str:
+    src = a.weights or a.source
+    if not src:
+        raise ValueError("name the model to use: a run folder or weights file (SOURCE or --weights)")
+    return src
+
+
 def _eval(a) -> int:
     from resforge import api
-    api.evaluate(a.source, data=a.data, splits=a.split or ["test"], tta=a.tta, model=a.model,
+    api.evaluate(_source(a), data=a.data, splits=a.split or ["test"], tta=a.tta, model=a.model,
                  batch_size=a.batch_size, out_dir=a.out, device=a.device, data_root=a.data_root,
                  download=a.download)
     return 0
@@ -185,7 +192,7 @@ def _serve(a) -> int:
         from resforge.serve import serve
         serve(a.source, host=a.host, port=a.port, backend=a.backend, model_name=a.model,
               max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_upload_bytes=int(a.max_upload_mb * 1e6),
-              max_pixels=a.max_pixels, max_files=a.max_files, log_level=a.log_level)
+              max_pixels=a.max_pixels, max_files=a.max_files, threads=a.threads, log_level=a.log_level)
     except ImportError as e:
         print(f"resforge: error: {e}", file=sys.stderr)
         return 2
@@ -214,6 +221,7 @@ def _add_deploy(sub) -> None:
     v.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit, in MB")
     v.add_argument("--max-pixels", type=int, default=40_000_000, help="per-image pixel limit (bomb guard)")
     v.add_argument("--max-files", type=int, default=64, help="images per request")
+    v.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: one per core)")
     v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="debug also logs every request")
     v.set_defaults(fn=_serve)
@@ -236,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="evaluate a run or weights file on a data split")
-    e.add_argument("source", help="run folder, resforge checkpoint, or torchvision/timm/akamaster weights")
+    e.add_argument("source", nargs="?", help="run folder, resforge checkpoint, or torchvision/timm/akamaster weights")
+    e.add_argument("--weights", default=None, help="same as SOURCE")
     e.add_argument("--data", default=None, help="data source (default: the run's own)")
     e.add_argument("--model", default=None, help="architecture, for third-party weights (e.g. resnet56)")
     e.add_argument("--split", action="append", help="split(s) to evaluate (default test; repeatable)")

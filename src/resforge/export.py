@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -87,6 +88,8 @@ def ensure_export(source, format: str, *, model_name: str | None = None) -> Path
     path = weights.with_suffix(EXPORT_SUFFIX[format])
     if path.is_file() and path.stat().st_mtime >= weights.stat().st_mtime:
         return path
+    if not os.access(path.parent, os.W_OK):          # read-only run folder: a private copy
+        path = Path(tempfile.mkdtemp(prefix="resforge-export-")) / path.name
     result = export(source, format, path, model_name=model_name)
     log.warning("%s", result.summary())
     return result.path

@@ -59,8 +59,8 @@ def predict(
     model, meta = load_for_inference(source, model_name=model_name, device=str(device))
     rows = {p: _error_row(p, "file not found") for p, exists in entries if not exists}
     paths = [p for p, exists in entries if exists]
-    # channels_last: the (B, H, W, C) uint8 batches already have that layout, and oneDNN/cuDNN
-    # convolutions run ~1.2-2x faster in it on CPU; outputs are the same.
+    # channels_last: the (B, H, W, C) uint8 batches already have that layout, and at batch 64
+    # oneDNN convolutions ran 1.2x faster in it here (bench/inference_speed.py); same outputs.
     model = model.to(memory_format=torch.channels_last)
     batches = _run_batches(model, meta, paths, batch_size, device, workers=workers, progress=progress)
     for path, probs, error in batches:

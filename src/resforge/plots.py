@@ -17,10 +17,12 @@ from matplotlib.figure import Figure
 
 # Panels drawn first, in this order: (title, columns). Any other numeric column gets its own panel.
 _MAIN_PANELS = (
-    ("loss", ("train_loss", "val_loss")),
-    ("accuracy", ("train_acc", "val_acc", "val_top5")),
+    ("loss", ("train_loss", "train_eval_loss", "val_loss")),
+    ("accuracy", ("train_acc", "train_eval_acc", "val_acc", "val_top5")),
     ("learning rate", ("lr",)),
 )
+_GRAD_PREFIX, _GRAD_TITLE = "grad_norm_", "gradient norm per stage"  # train.grad_norms columns: one panel
+_LOG_PANELS = ("learning rate", _GRAD_TITLE)
 _MAX_EXTRA_PANELS = 9  # keeps the grid readable if a run logs many columns
 
 
@@ -113,6 +115,10 @@ def _panel_specs(cols: dict[str, np.ndarray]) -> list[tuple[str, tuple[str, ...]
         used.update(names)
         if present:
             panels.append((title, present))
+    grads = tuple(c for c in cols if c.startswith(_GRAD_PREFIX))
+    if grads:
+        panels.append((_GRAD_TITLE, grads))
+        used.update(grads)
     extra = [c for c in cols if c not in used][:_MAX_EXTRA_PANELS]
     panels += [(c, (c,)) for c in extra]
     return panels or [("no metrics", ())]
@@ -123,7 +129,7 @@ def _draw_panel(ax, x: np.ndarray, series: dict[str, np.ndarray], title: str) ->
     for name, y in series.items():
         style = "--" if name.startswith("train") else "-"
         ax.plot(x, y, style, marker=marker, markersize=3, label=name)
-    if title == "learning rate" and series and _positive_span(series) > 100:
+    if title in _LOG_PANELS and series and _positive_span(series) > 100:
         ax.set_yscale("log")  # warmup/decay spanning decades is unreadable on a linear axis
     ax.set_title(title)
     ax.set_xlabel("epoch")

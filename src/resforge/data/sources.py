@@ -132,11 +132,23 @@ def _load_folder(path: Path, settings: dict, cache_dir, stream: bool) -> DataBun
     memo = cache.memo_get(cache_dir, key)
     hit = cache.read_entry(cache_dir, memo["fingerprint"]) if memo else None
     if hit is not None:
-        return _from_cache(hit, memo["fingerprint"])
+        return _rebase(_from_cache(hit, memo["fingerprint"]), path)
     parts = folder.decode_tree(listing, settings)
     fp = cache.settings_hash("resforge-data", SOURCE_VERSION, parts.pop("fingerprint"))
     bundle = _store(parts, fp, cache_dir)
     cache.memo_put(cache_dir, key, {"fingerprint": fp})
+    return _rebase(bundle, path)
+
+
+def _rebase(bundle: DataBundle, root: Path) -> DataBundle:
+    """The fingerprint is content-only, so the same images under another folder share a cache
+    entry; file paths must still point into *this* folder (ids are relative to the root)."""
+    for sp in bundle.splits.values():
+        if sp.files is not None:
+            sp.files = [str(root / i) for i in sp.ids]
+    for r in bundle.rejected:
+        if "id" in r:
+            r["path"] = str(root / r["id"])
     return bundle
 
 

@@ -13,7 +13,7 @@ Layout (every run is a normal run folder, resumable with `resforge train --resum
         degradation.md / .json   final train / val / test error per network (+ per seed)
         grad_norms.png           per-stage gradient norms over training, plain vs residual
 
-Training error is `train_eval_acc` (a fixed, un-augmented 10k training subset evaluated in
+Training error is `train_eval_acc` (a fixed, un-augmented 5k training subset evaluated in
 eval mode each epoch, see training/probes.py); the loop's `train_acc` (augmented batches, moving
 weights) is only a fallback.  Per-epoch held-out curves use the 5k validation split, never
 used for model selection (`train.restore_best=false`); the official test set is evaluated
@@ -39,7 +39,7 @@ DEFAULT_RECIPE = "he2016-cifar10-short"
 FAMILIES = ("plain", "resnet")
 # He et al. 2016, Table 6 (CIFAR-10 test error, %, option A, 64k iterations)
 PAPER_TEST_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43}
-DEFAULT_EVAL_TRAIN = 10_000
+DEFAULT_EVAL_TRAIN = 5_000
 
 
 @dataclass(frozen=True)
@@ -124,16 +124,39 @@ def run_overrides(spec: RunSpec, exp_dir: Path, settings: dict) -> list[str]:
                   f"train.project={exp_dir}", f"train.name={spec.folder}"]
 
 
+# What a run killed while starting up can leave behind (atomic writes leave ".<name>.<pid>.tmp").
+_STARTUP_FILES = {"config.yaml", "config.json", "splits.json"}
+
+
+def run_state(run_dir: Path) -> str:
+    """One of: finished (report.json, written last), started (resumable), stub (killed while
+    starting: nothing trained), absent."""
+    if (run_dir / "report.json").is_file():
+        return "finished"
+    if (run_dir / "config.json").is_file() and (run_dir / "splits.json").is_file():
+        return "started"
+    if not run_dir.is_dir():
+        return "absent"
+    names = {p.name for p in run_dir.iterdir()}
+    if all(n in _STARTUP_FILES or n.startswith(".") for n in names):
+        return "stub"
+    raise ValueError(f"{run_dir} holds an unfinished run without its config.json/splits.json: "
+                     "move it away and rerun to train it again")
+
+
 def run_one(spec: RunSpec, exp_dir: Path, settings: dict, train_fn: Callable) -> str:
     """Train one twin, resume it, or skip it if finished; returns "skipped" | "resumed" | "trained"."""
     run_dir = exp_dir / spec.folder
-    if (run_dir / "report.json").is_file():             # written last: the run is complete
+    state = run_state(run_dir)
+    if state == "finished":
         return "skipped"
-    if (run_dir / "config.json").is_file():             # started: continue from weights/last.state.pt
+    if state == "started":                              # continue from weights/last.state.pt
         train_fn(resume=run_dir)
         return "resumed"
-    if run_dir.is_dir():
-        run_dir.rmdir()   # created but killed before writing anything; fails loudly if not empty
+    if state == "stub":                                 # same folder name again, not "<name>-2"
+        for f in run_dir.iterdir():
+            f.unlink()
+        run_dir.rmdir()
     train_fn(settings["recipe"], run_overrides(spec, exp_dir, settings))
     return "trained"
 
@@ -144,7 +167,7 @@ def run_degradation(depths=(20, 56), seeds=(0,), *, recipe: str = DEFAULT_RECIPE
     """Train (or resume) every (family, depth, seed) run, then write the figures and the table.
     Returns the summary also saved as degradation.json."""
     if train_fn is None:
-        from resforge.api import train as train_fn      # api imports nothing from here
+        from resforge.api import train as train_fn      # late: api.degradation imports this module
     depths, seeds = sorted({int(d) for d in depths}), list(dict.fromkeys(int(s) for s in seeds))
     exp_dir = experiment_dir(project, name or Path(recipe).stem)
     settings = {"recipe": recipe, "epochs": epochs, "overrides": list(overrides)}
@@ -173,6 +196,7 @@ def load_run(run_dir: Path, spec: RunSpec) -> dict:
     return {**asdict(spec), "model": spec.model, "train_error": curves["train_error"][-1],
             "train_error_source": source, "val_error": final.get("val"), "test_error": final.get("test"),
             "train_seconds": report.get("train_seconds"), "epochs": len(curves["epoch"]),
+            "data": {k: v for k, v in report.get("data", {}).items() if k in ("source", "splits")},
             "curves": curves, "grad_norms": grads}
 
 
@@ -195,6 +219,8 @@ def aggregate(runs: list[dict], twins: list[dict]) -> list[dict]:
             rows.append({"model": f"{fam}{depth}", "family": fam, "depth": depth,
                          "layers": info[depth]["layers"], "params": info[depth]["params"],
                          **{k: _stats([r[k] for r in mine]) for k in ("train_error", "val_error", "test_error")},
+                         "train_minutes": _stats([r["train_seconds"] / 60 if r["train_seconds"] else None
+                                                  for r in mine]),
                          "paper_test_error": PAPER_TEST_ERROR.get(f"{fam}{depth}"),
                          "seeds": [r["seed"] for r in mine]})
     return rows
@@ -219,7 +245,9 @@ def findings(runs: list[dict], depths: list[int], seeds: list[int]) -> dict:
 def summarise(exp_dir: Path, depths, seeds, twins, settings) -> dict:
     runs = [load_run(exp_dir / s.folder, s) for s in run_specs(depths, seeds)
             if (exp_dir / s.folder / "report.json").is_file()]
-    return {"experiment": exp_dir.name, "settings": settings, "depths": list(depths), "seeds": list(seeds),
+    data = runs[0]["data"] if runs else {}
+    return {"experiment": exp_dir.name, "settings": settings, "data": data,
+            "depths": list(depths), "seeds": list(seeds),
             "twins": twins, "table": aggregate(runs, twins), "findings": findings(runs, depths, seeds),
             "runs": runs}
 
@@ -251,14 +279,18 @@ def render_table(summary: dict) -> str:
              f"Recipe `{s['recipe']}`" + (f", {s['epochs']} epochs" if s["epochs"] else "")
              + (f", overrides `{' '.join(s['overrides'])}`" if s["overrides"] else "")
              + f"; seeds {', '.join(map(str, summary['seeds']))} (mean ± std over seeds). Errors in %.", "",
-             "| network | layers | params | train error | val error | test error | paper test error |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| network | layers | params | train error | val error | test error | paper test error | train time (min) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["table"]:
         paper = f"{r['paper_test_error']:.2f}" if r["paper_test_error"] else "–"
         lines.append(f"| {_label(r['family'], r['depth'])} | {r['layers']} | {r['params'] / 1e6:.2f}M | "
-                     f"{_cell(r['train_error'])} | {_cell(r['val_error'])} | {_cell(r['test_error'])} | {paper} |")
-    lines += ["", "Train error: final weights on a fixed, un-augmented training subset (eval mode). "
-              "Val: the 5k held-out split. Test: the official 10k test set, single view.", ""]
+                     f"{_cell(r['train_error'])} | {_cell(r['val_error'])} | {_cell(r['test_error'])} | {paper} | "
+                     f"{_cell(r['train_minutes'])} |")
+    n = summary["data"].get("splits", {})
+    lines += ["", f"Data: {summary['data'].get('source', '?')} ({', '.join(f'{v} {k}' for k, v in n.items())}). "
+              "Train error: the final weights on a fixed, un-augmented subset of the training split (eval mode). "
+              "Val: the held-out validation split (never used to select weights). Test: the test split, "
+              "single view, final weights.", ""]
     lines += [_finding_line(seed, v, f["shallow"], f["deep"]) for seed, v in f["per_seed"].items()]
     verdict = "reproduced for every seed" if f["reproduced_every_seed"] else "NOT reproduced for every seed"
     return "\n".join(lines + ["", f"**Finding: {verdict}.**", ""])

@@ -76,7 +76,8 @@ def plot_degradation(summary: dict, out_png: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="upper right")
     axes[0].set_ylabel("error (%)")
-    fig.suptitle("CIFAR-10: dashed = training error, solid = held-out (val) error, dot = final test error",
+    source = summary.get("data", {}).get("source", "")
+    fig.suptitle(f"{source}: dashed = training error, solid = held-out (val) error, dot = final test error",
                  fontsize=9)
     return _save(fig, out_png)
 

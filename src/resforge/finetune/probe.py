@@ -97,6 +97,19 @@ class ProbeHead(nn.Module):
         return self.fc(self.drop(z))
 
     @torch.no_grad()
+    def init_from_class_means(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        """Euclidean nearest class mean is linear: argmin |z - m_c|^2 = argmax 2 z.m_c - |m_c|^2.
+        Those weights, scaled so the logits spread by about one unit, start the probe."""
+        z = (feats.float() - self.mu) / self.sd
+        k = self.fc.out_features
+        counts = torch.bincount(labels, minlength=k).clamp(min=1)
+        means = torch.zeros(k, z.shape[1]).index_add_(0, labels, z) / counts[:, None]
+        w, b = 2 * means, -(means ** 2).sum(1)
+        spread = (z @ w.T + b).std().clamp(min=1e-6)
+        self.fc.weight.copy_(w / spread)
+        self.fc.bias.copy_(b / spread)
+
+    @torch.no_grad()
     def model_fc_state(self) -> dict[str, torch.Tensor]:
         """fc weights for raw features: W' = W / sd, b' = b - W' mu."""
         w = self.fc.weight / self.sd
@@ -115,12 +128,20 @@ def probe_configs(optim: OptimConfig, train: TrainConfig, epochs: int, lr: float
 
 def linear_probe(fc: nn.Linear, train_feats, val_feats, rt, optim: OptimConfig, train: TrainConfig, *,
                  epochs: int, lr: float, wd: float, drop_rate: float = 0.0, loss_fn=None,
-                 sample_weights=None, metrics_log=None):
-    """Train a linear head on cached features with the training loop; -> (ProbeHead, FitResult)."""
-    feats = train_feats[0]
-    head = ProbeHead(fc, drop_rate, feats.mean(0), feats.std(0) if len(feats) > 1 else None).to(rt.device)
+                 sample_weights=None, metrics_log=None, init: str = "prototype"):
+    """Train a linear head on cached features with the training loop; -> (ProbeHead, FitResult).
+
+    init "prototype" starts from the nearest-class-mean classifier (linear in standardised
+    features), so even a short probe starts no worse than class means; "model" starts from
+    `fc` as it is (e.g. rows kept from the pretrained head)."""
+    feats, labels = train_feats
+    head = ProbeHead(fc, drop_rate, feats.mean(0), feats.std(0) if len(feats) > 1 else None)
+    if init == "prototype":
+        head.init_from_class_means(feats, labels)
+    head = head.to(rt.device)
     o, t = probe_configs(optim, train, epochs, lr, wd)
-    bs = min(train.batch_size, len(train_feats[1]))
+    # At least ~8 steps per epoch: tiny sets would otherwise get one or two updates an epoch.
+    bs = max(1, min(train.batch_size, -(-len(labels) // 8)))
     tb = FeatureBatches(*train_feats, bs, shuffle=True, sample_weights=sample_weights, device=rt.device)
     vb = FeatureBatches(*val_feats, train.eval_batch_size, device=rt.device) if val_feats is not None else None
     result = fit(head, tb, vb, IdentityAugment(), rt, o, t, loss_fn=loss_fn, metrics_log=metrics_log,

@@ -178,16 +178,17 @@ class _PhaseLog:
 
 def _features(s: _Setup) -> dict:
     """Frozen-backbone features of every split, computed once (BN in eval mode, no augmentation)."""
-    t0 = time.perf_counter()
-    out = {}
+    out, seconds = {}, {}
     for split in ("train", "val", "test"):
         if len(s.bundle.splits[split].labels):
+            t0 = time.perf_counter()
             b = make_batches(s.bundle, split, s.rt.device, s.cfg.train.eval_batch_size, train=False,
                              workers=s.cfg.data.workers)
             out[split] = extract_features(s.model, b, s.augment, s.rt)
-    out["seconds"] = time.perf_counter() - t0
-    _say(f"features cached: {', '.join(f'{k} {tuple(v[0].shape)}' for k, v in out.items() if k != 'seconds')} "
-         f"in {out['seconds']:.1f}s")
+            seconds[split] = time.perf_counter() - t0
+    _say(f"features cached: {', '.join(f'{k} {tuple(v[0].shape)}' for k, v in out.items())} "
+         f"in {sum(seconds.values()):.1f}s")
+    out["seconds"] = seconds["train"]          # what training a head costs: the train split's pass
     return out
 
 
@@ -201,12 +202,17 @@ def _prototype_row(s: _Setup, feats: dict, names: list[str]) -> dict:
                           trainable_params=0, class_names=names, scale=head.scale)
 
 
+def _probe_init(cfg: RunConfig) -> str:
+    """Kept pretrained head rows are the better start; otherwise the class means."""
+    return "model" if (cfg.finetune.keep_class_rows or cfg.finetune.class_map) else "prototype"
+
+
 def _probe(s: _Setup, feats: dict, log: MetricsLog, offset: int):
     c, ft = s.cfg, s.cfg.finetune
     head, result = linear_probe(s.model.fc, feats["train"], feats.get("val"), s.rt, c.optim, c.train,
                                 epochs=ft.probe_epochs, lr=ft.probe_lr, wd=ft.probe_weight_decay,
                                 drop_rate=c.model.drop_rate, loss_fn=s.loss_fn, sample_weights=s.sample_weights,
-                                metrics_log=_PhaseLog(log, "probe", offset))
+                                metrics_log=_PhaseLog(log, "probe", offset), init=_probe_init(c))
     return head, result
 
 
@@ -242,6 +248,9 @@ def finetune(source: str | Path, *, data: str | None = None, policy: str | None 
         head, res = _probe(s, feats, log, 0)
         probe_seconds = res.train_seconds + feats["seconds"]
         trainable = sum(p.numel() for p in head.parameters())
+        total = P.count_params(s.model)
+        _say(f"phase 'probe' (linear head on cached features, backbone frozen, BN in eval mode): trainable params "
+             f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) in {s.pre.arch}; {res.train_seconds:.1f}s")
         phases_done.append(_phase_info(s.phases[0] if need_probe else P.Phase("probe", "probe", ("fc",)),
                                        res, {"trainable": trainable}, 0, probe_seconds))
         if cfg.finetune.compare:
@@ -406,14 +415,17 @@ def _finetune_target(cfg: RunConfig, source, model_name):
         if last.kind == "probe":                        # linear-probe: the range test is the probe's
             o, _ = probe_configs(cfg.optim, cfg.train, 1, cfg.finetune.probe_lr, cfg.finetune.probe_weight_decay)
             f = feats["train"][0]
-            head = ProbeHead(s.model.fc, cfg.model.drop_rate, f.mean(0), f.std(0)).to(s.rt.device)
+            head = ProbeHead(s.model.fc, cfg.model.drop_rate, f.mean(0), f.std(0))
+            if _probe_init(cfg) == "prototype":
+                head.init_from_class_means(*feats["train"])
+            head = head.to(s.rt.device)
             fb = FeatureBatches(*feats["train"], min(cfg.train.batch_size, len(feats["train"][1])), shuffle=True,
                                 sample_weights=s.sample_weights, device=s.rt.device)
             return head, fb, IdentityAugment(), s.rt, None, s.loss_fn, o, f"{s.pre.arch} {cfg.finetune.policy} (linear probe)"
         head, _ = linear_probe(s.model.fc, feats["train"], feats.get("val"), s.rt, cfg.optim, cfg.train,
                                epochs=cfg.finetune.probe_epochs, lr=cfg.finetune.probe_lr,
                                wd=cfg.finetune.probe_weight_decay, drop_rate=cfg.model.drop_rate,
-                               loss_fn=s.loss_fn, sample_weights=s.sample_weights)
+                               loss_fn=s.loss_fn, sample_weights=s.sample_weights, init=_probe_init(cfg))
         s.model.fc.load_state_dict(head.model_fc_state())
     if last.params == "lora":
         P.add_lora(s.model, cfg.finetune)

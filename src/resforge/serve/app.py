@@ -40,12 +40,16 @@ DEFAULTS = {"max_batch": 32, "max_wait_ms": 5.0, "max_upload_bytes": 20_000_000,
 def create_app(source, *, backend: str = "auto", model_name: str | None = None,
                max_batch: int = DEFAULTS["max_batch"], max_wait_ms: float = DEFAULTS["max_wait_ms"],
                max_upload_bytes: int = DEFAULTS["max_upload_bytes"], max_pixels: int = DEFAULTS["max_pixels"],
-               max_files: int = DEFAULTS["max_files"], max_queue: int = DEFAULTS["max_queue"]):
+               max_files: int = DEFAULTS["max_files"], max_queue: int = DEFAULTS["max_queue"],
+               threads: int | None = None):
     """A FastAPI app serving `source` (run folder, checkpoint, weights or .onnx/.torchscript)."""
     from resforge.backends import load_backend
     from resforge.infer import Preprocess
 
-    model = load_backend(source, backend, model_name=model_name)
+    for name, value in (("max_upload_bytes", max_upload_bytes), ("max_pixels", max_pixels), ("max_files", max_files)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    model = load_backend(source, backend, model_name=model_name, threads=threads)
     limits = {"max_upload_bytes": int(max_upload_bytes), "max_pixels": int(max_pixels),
               "max_files": int(max_files), "max_batch": int(max_batch), "max_wait_ms": float(max_wait_ms)}
     state = _State(model, Preprocess(model.meta, max_pixels=max_pixels),
