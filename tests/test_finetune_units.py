@@ -14,6 +14,15 @@ from resforge.finetune.source import (CIFAR10_CLASSES, build_from_pretrained, cl
 from resforge.training.loop import soft_cross_entropy
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_plans_of_every_policy_on_both_layouts():
     ft = FinetuneConfig(head_init="fresh", unfreeze_epochs=2)
     cifar, imagenet = resforge.create_model("resnet20"), resforge.create_model("resnet18")
@@ -118,3 +127,21 @@ def test_finetune_config_keys_resolve_and_check_their_values():
         load_config(None, ["finetune.layer_decya=0.5"])
     with pytest.raises(ConfigError, match="balanced"):
         load_config(None, ["class_weights=inverse"])
+
+
+def test_lr_range_test_restores_the_weights_and_stops_when_the_loss_diverges():
+    from resforge.config import AugConfig, OptimConfig
+    from resforge.data.augment import Augmenter
+    from resforge.finetune.lrfind import lr_range_test
+    from resforge.training.device import make_runtime
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 255, (64, 1, 8, 8), dtype=np.uint8), rng.integers(0, 3, 64)
+    model = resforge.create_model("resnet20", num_classes=3, in_chans=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rt = make_runtime("cpu", "fp32", False)
+    tb = TensorBatches(images, labels, rt.device, 16, shuffle=True)
+    aug = Augmenter(AugConfig(flip="none"), [0.5], [0.25], 3, (8, 8))
+    res = lr_range_test(model, tb, aug, rt, OptimConfig(), soft_cross_entropy(0.0), start=1e-4, end=1e4, steps=40)
+    assert res["stopped_early"] and len(res["lrs"]) < 40          # 1e4 diverges long before the end
+    assert res["suggested"] == res["min_loss_lr"] / 10
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -279,8 +279,8 @@ def render_table(summary: dict) -> str:
              f"Recipe `{s['recipe']}`" + (f", {s['epochs']} epochs" if s["epochs"] else "")
              + (f", overrides `{' '.join(s['overrides'])}`" if s["overrides"] else "")
              + f"; seeds {', '.join(map(str, summary['seeds']))} (mean ± std over seeds). Errors in %.", "",
-             "| network | layers | params | train error | val error | test error | paper test error | train time (min) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| network | layers | params | train error | val error | test error | paper test error "
+             "| train time (min) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["table"]:
         paper = f"{r['paper_test_error']:.2f}" if r["paper_test_error"] else "–"
         lines.append(f"| {_label(r['family'], r['depth'])} | {r['layers']} | {r['params'] / 1e6:.2f}M | "

@@ -79,8 +79,11 @@ def plan(policy: str, model: nn.Module, ft: FinetuneConfig, epochs: int) -> list
         return first + [Phase("full", "fit", tuple(body) + (HEAD,), epochs=epochs, lr_scale=head_rate)]
     if kind == "stages":
         return first + [Phase("+".join(chosen), "fit", chosen + (HEAD,), epochs=epochs, lr_scale=head_rate)]
-    if kind in ("bitfit", "lora"):
+    if kind == "bitfit":
         return first + [Phase(kind, "fit", tuple(body) + (HEAD,), params=kind, epochs=epochs, lr_scale=head_rate)]
+    if kind == "lora":                                 # prefixes of the adapted layers: their adapters' rate
+        rates = {**{t: ft.lora_lr_mult for t in lora_targets(model)}, **head_rate}
+        return first + [Phase(kind, "fit", tuple(body) + (HEAD,), params=kind, epochs=epochs, lr_scale=rates)]
     return probe + _gradual(model, ft, epochs)    # gradual: the head always goes first
 
 
@@ -101,10 +104,9 @@ def _gradual(model: nn.Module, ft: FinetuneConfig, epochs: int) -> list[Phase]:
 def discriminative_rates(model: nn.Module, decay: float, unit: str, head_mult: float) -> dict[str, float]:
     """Rate multipliers by parameter prefix: the top unit below the head gets 1, each unit
     further down `decay` times the one above (stem lowest); the head gets `head_mult`."""
-    units = []                                            # prefixes, input side first
+    units, table = [], stage_prefixes(model)             # units: prefixes, input side first
     for s in body_stages(model):
-        prefixes = stage_prefixes(model)[s]
-        mod = model.get_stage(s)
+        prefixes, mod = table[s], model.get_stage(s)
         if unit == "block" and s != "stem" and isinstance(mod, nn.Sequential) and len(mod) > 1:
             units += [f"{prefixes[0]}.{i}" for i in range(len(mod))]
         else:
@@ -240,14 +242,17 @@ def require_peft():
     return peft
 
 
+def lora_targets(model: nn.Module) -> list[str]:
+    """Every Conv2d/Linear below the head (the new head trains in full instead)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not _under(n, [HEAD])]
+
+
 def add_lora(model: nn.Module, ft: FinetuneConfig):
     """Inject LoRA adapters into every Conv2d/Linear below the head, in place; -> the PEFT
     LoraModel (its merge_and_unload() folds the adapters back into plain weights)."""
     peft = require_peft()
-    targets = [n for n, m in model.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear)) and not _under(n, [HEAD])]
     cfg = peft.LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
-                          target_modules=targets)
+                          target_modules=lora_targets(model))
     return peft.LoraModel(model, cfg, "default")
 
 

@@ -82,15 +82,18 @@ class ProbeHead(nn.Module):
     def __init__(self, fc: nn.Linear, drop_rate: float = 0.0, mean: torch.Tensor | None = None,
                  std: torch.Tensor | None = None):
         super().__init__()
-        d = fc.in_features
-        self.register_buffer("mu", torch.zeros(d) if mean is None else mean.detach().float().cpu().clone())
+        d, bias = fc.in_features, fc.bias is not None
+        # A head without bias cannot absorb a mean shift: such heads get scaling only.
+        self.register_buffer("mu", mean.detach().float().cpu().clone() if mean is not None and bias
+                             else torch.zeros(d))
         self.register_buffer("sd", torch.ones(d) if std is None else std.detach().float().cpu().clamp(min=1e-6).clone())
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(d, fc.out_features)
+        self.fc = nn.Linear(d, fc.out_features, bias=bias)
         with torch.no_grad():                             # start where the model's head is
-            w, b = fc.weight.detach().float().cpu(), fc.bias.detach().float().cpu()
+            w = fc.weight.detach().float().cpu()
             self.fc.weight.copy_(w * self.sd)
-            self.fc.bias.copy_(b + w @ self.mu)
+            if bias:
+                self.fc.bias.copy_(fc.bias.detach().float().cpu() + w @ self.mu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = (torch.flatten(x, 1) - self.mu) / self.sd
@@ -105,14 +108,18 @@ class ProbeHead(nn.Module):
         counts = torch.bincount(labels, minlength=k).clamp(min=1)
         means = torch.zeros(k, z.shape[1]).index_add_(0, labels, z) / counts[:, None]
         w, b = 2 * means, -(means ** 2).sum(1)
+        b = b if self.fc.bias is not None else torch.zeros_like(b)
         spread = (z @ w.T + b).std().clamp(min=1e-6)
         self.fc.weight.copy_(w / spread)
-        self.fc.bias.copy_(b / spread)
+        if self.fc.bias is not None:
+            self.fc.bias.copy_(b / spread)
 
     @torch.no_grad()
     def model_fc_state(self) -> dict[str, torch.Tensor]:
         """fc weights for raw features: W' = W / sd, b' = b - W' mu."""
         w = self.fc.weight / self.sd
+        if self.fc.bias is None:
+            return {"weight": w.clone()}
         return {"weight": w.clone(), "bias": (self.fc.bias - w @ self.mu).clone()}
 
 

@@ -40,9 +40,11 @@ def write_finetune_report(out_dir: Path, rows: list[dict], results: dict, *, met
     """report.json / report.md (comparison first, then the final model's evaluation) and
     comparison.png in out_dir; -> report.md path."""
     out_dir = Path(out_dir)
-    json_path, md_path = write_report(out_dir, results, meta=meta, extra=extra)
+    plain = {k: v for k, v in extra.items() if k != "finetune"}     # rendered below, not as raw notes
+    json_path, md_path = write_report(out_dir, results, meta=meta, extra=plain)
     report = json.loads(json_path.read_text())
     standard = render_markdown(report)
+    report["finetune"] = extra.get("finetune", {})
     report["comparison"] = {"split": "test", "rows": rows}
     _atomic_write_text(json_path, json.dumps(_jsonable(report), indent=2, allow_nan=False))
     class_names = [str(c) for c in meta["class_names"]]

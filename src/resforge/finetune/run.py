@@ -87,38 +87,43 @@ def resolve_config(recipe=None, overrides=None, *, data=None, policy=None, sourc
 
 
 def _setup(cfg: RunConfig, source, model_name: str | None) -> _Setup:
-    from resforge.api import channel_stats, prepare_data   # api imports this module lazily: no cycle
+    from resforge.api import prepare_data                # api imports this module lazily: no cycle
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     rt = make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last)
     pre = read_pretrained(source, model_name, cfg.finetune.source_classes)
     bundle, manifest = prepare_data(cfg)
+    model, kwargs, notes = _model(cfg, pre, bundle)
+    phases = P.plan(cfg.finetune.policy, model, cfg.finetune, cfg.train.epochs)   # bad policy: fail now
+    model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    mean, std = input_stats(pre, bundle.channels)
+    side = cfg.finetune.input_size
+    out_hw = (side, side) if side else tuple(bundle.image_size)
+    augment = Augmenter(cfg.aug, mean, std, len(bundle.class_names), out_hw, seed=cfg.train.seed)
+    sample_weights, class_w = _imbalance(bundle, cfg)
+    tb = _train_batches(bundle, cfg, rt, sample_weights)
+    vb = (make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers)
+          if len(bundle.splits["val"].labels) else None)
+    return _Setup(cfg, rt, bundle, manifest, pre, model, kwargs, augment, mean, std, phases,
+                  soft_cross_entropy(cfg.optim.label_smoothing, class_w), sample_weights, tb, vb, notes)
+
+
+def _model(cfg: RunConfig, pre: Pretrained, bundle) -> tuple[nn.Module, dict, list[str]]:
+    """The pretrained network with a head for the data's classes (rows kept where asked)."""
+    from resforge.api import channel_stats
     if pre.fmt == "scratch":                             # the control: the data's own statistics
         pre.kwargs = {k: v for k, v in (("shortcut", cfg.model.shortcut), ("small_input", cfg.model.small_input))
                       if v is not None}
         pre.in_chans = bundle.channels
         pre.mean, pre.std = channel_stats(bundle)
-    names, c = list(bundle.class_names), bundle.channels
-    model, kwargs = build_from_pretrained(pre, len(names), c, cfg.model.drop_rate)
+    names = list(bundle.class_names)
+    model, kwargs = build_from_pretrained(pre, len(names), bundle.channels, cfg.model.drop_rate)
     notes = _adaptation_notes(pre, bundle, cfg)
     if cfg.finetune.keep_class_rows or cfg.finetune.class_map:
         rows = class_row_map(names, pre.class_names, cfg.finetune.class_map)
         keep_class_rows(model, pre, rows)
-        notes.append(f"head rows kept from the pretrained classes for {len(rows)} of {len(names)} classes: "
-                     + ", ".join(f"{names[i]}<-{(pre.class_names or [])[j] if pre.class_names else j}"
-                                 for i, j in list(rows.items())[:8]))
-    phases = P.plan(cfg.finetune.policy, model, cfg.finetune, cfg.train.epochs)   # bad policy: fail early
-    model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-    mean, std = input_stats(pre, c)
-    side = cfg.finetune.input_size
-    out_hw = (side, side) if side else tuple(bundle.image_size)
-    augment = Augmenter(cfg.aug, mean, std, len(names), out_hw, seed=cfg.train.seed)
-    sample_weights, class_w = _imbalance(bundle, cfg)
-    loss_fn = soft_cross_entropy(cfg.optim.label_smoothing, class_w)
-    tb = _train_batches(bundle, cfg, rt, sample_weights)
-    vb = (make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers)
-          if len(bundle.splits["val"].labels) else None)
-    return _Setup(cfg, rt, bundle, manifest, pre, model, kwargs, augment, mean, std, phases, loss_fn,
-                  sample_weights, tb, vb, notes)
+        pairs = ", ".join(f"{names[i]}<-{pre.class_names[j] if pre.class_names else j}" for i, j in list(rows.items())[:8])
+        notes.append(f"head rows kept from the pretrained classes for {len(rows)} of {len(names)} classes: {pairs}")
+    return model, kwargs, notes
 
 
 def _adaptation_notes(pre: Pretrained, bundle, cfg: RunConfig) -> list[str]:
@@ -135,6 +140,8 @@ def _adaptation_notes(pre: Pretrained, bundle, cfg: RunConfig) -> list[str]:
                      f"finetune.input_size={trained} upsamples each batch on the fly (slower, usually better)")
     elif side != bundle.image_size[0]:
         notes.append(f"images stored at {bundle.image_size[0]} px are resized to {side} px per batch")
+    if cfg.eval.tta:
+        notes.append("row (c) uses test-time augmentation (eval.tta); rows (a) and (b) score single views")
     return notes
 
 
@@ -231,44 +238,53 @@ def finetune(source: str | Path, *, data: str | None = None, policy: str | None 
     names = list(s.bundle.class_names)
     run_dir = new_run_dir(cfg.train.project, cfg.train.name or _run_name(s, cfg))
     _write_run_files(run_dir, cfg, s)
-    _say(f"resforge finetune: {s.pre.arch} ({s.pre.fmt} weights {s.pre.path}) on {s.bundle.name} "
-         f"({', '.join(f'{len(sp.labels)} {k}' for k, sp in s.bundle.splits.items())}; {len(names)} classes; "
-         f"input {s.bundle.channels}x{s.augment.out_hw[0]}x{s.augment.out_hw[1]}) policy {cfg.finetune.policy} "
-         f"on {s.rt.describe()} -> {run_dir}")
-    for n in s.notes:
-        _say(f"  note: {n}")
-    log = MetricsLog(run_dir / "metrics.csv")
-    rows, phases_done, t_all = [], [], time.perf_counter()
-    need_probe = s.phases[0].kind == "probe"
-    feats = _features(s) if (cfg.finetune.compare or need_probe) else None
-    probe_seconds = 0.0
-    if cfg.finetune.compare:
-        rows.append(_prototype_row(s, feats, names))
-    if cfg.finetune.compare or need_probe:
-        head, res = _probe(s, feats, log, 0)
-        probe_seconds = res.train_seconds + feats["seconds"]
-        trainable = sum(p.numel() for p in head.parameters())
-        total = P.count_params(s.model)
-        _say(f"phase 'probe' (linear head on cached features, backbone frozen, BN in eval mode): trainable params "
-             f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) in {s.pre.arch}; {res.train_seconds:.1f}s")
-        phases_done.append(_phase_info(s.phases[0] if need_probe else P.Phase("probe", "probe", ("fc",)),
-                                       res, {"trainable": trainable}, 0, probe_seconds))
-        if cfg.finetune.compare:
-            m = classification_metrics(probe_logits(head, feats["test"][0]).numpy(), feats["test"][1].numpy(), names)
-            rows.append(comparison_row("b", "linear probe on cached features", m, train_seconds=probe_seconds,
-                                       trainable_params=trainable, class_names=names,
-                                       baseline=rows[0] if rows else None))
-        if need_probe:
-            s.model.fc.load_state_dict(head.model_fc_state())     # head first: start from the probe
+    _announce(s, run_dir)
+    log, t_all = MetricsLog(run_dir / "metrics.csv"), time.perf_counter()
+    rows, phases_done, head_seconds = _before_rows(s, log)
     model, fit_seconds = _run_phases(s, log, phases_done)
     results = _evaluate(s, model)
-    total = fit_seconds + (probe_seconds if need_probe else 0.0)
+    total = fit_seconds + head_seconds
     trainable = max(p["trainable"] for p in phases_done) if phases_done else 0
     rows.append(comparison_row("c", f"policy {cfg.finetune.policy}", results["test"], train_seconds=total,
                                trainable_params=trainable, class_names=names, baseline=rows[0] if rows else None))
     meta = _meta(s, cfg, results, sum(p.get("epochs_run", 0) for p in phases_done))
     _save(run_dir, model, meta, rows, results, s, phases_done, time.perf_counter() - t_all)
     return FinetuneRun(run_dir, cfg, model, meta, results, rows, phases_done, total)
+
+
+def _announce(s: _Setup, run_dir: Path) -> None:
+    b, hw = s.bundle, s.augment.out_hw
+    _say(f"resforge finetune: {s.pre.arch} ({s.pre.fmt} weights {s.pre.path}) on {b.name} "
+         f"({', '.join(f'{len(sp.labels)} {k}' for k, sp in b.splits.items())}; {len(b.class_names)} classes; "
+         f"input {b.channels}x{hw[0]}x{hw[1]}) policy {s.cfg.finetune.policy} on {s.rt.describe()} -> {run_dir}")
+    for n in s.notes:
+        _say(f"  note: {n}")
+
+
+def _before_rows(s: _Setup, log: MetricsLog) -> tuple[list[dict], list[dict], float]:
+    """Rows (a) prototype and (b) linear probe on features cached once; a policy whose head goes
+    first starts from the probe. -> (rows, phase records, seconds the policy spent on its head)."""
+    ft, names = s.cfg.finetune, list(s.bundle.class_names)
+    need_probe = s.phases[0].kind == "probe"
+    if not (ft.compare or need_probe):
+        return [], [], 0.0
+    feats = _features(s)
+    rows = [_prototype_row(s, feats, names)] if ft.compare else []
+    head, res = _probe(s, feats, log, 0)
+    seconds = res.train_seconds + feats["seconds"]
+    trainable, total = sum(p.numel() for p in head.parameters()), P.count_params(s.model)
+    _say(f"phase 'probe' (linear head on cached features, backbone frozen, BN in eval mode): trainable params "
+         f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) in {s.pre.arch}; {res.train_seconds:.1f}s")
+    phase = s.phases[0] if need_probe else P.Phase("probe", "probe", (P.HEAD,))
+    done = [_phase_info(phase, res, {"trainable": trainable, "total": total}, 0, seconds)]
+    if ft.compare:
+        m = classification_metrics(probe_logits(head, feats["test"][0]).numpy(), feats["test"][1].numpy(), names)
+        rows.append(comparison_row("b", "linear probe on cached features", m, train_seconds=seconds,
+                                   trainable_params=trainable, class_names=names, baseline=rows[0]))
+    if not need_probe:
+        return rows, [], 0.0             # the probe was for row (b) only: not a phase of the policy
+    s.model.fc.load_state_dict(head.model_fc_state())          # head first: start from the probe
+    return rows, done, seconds
 
 
 def _run_phases(s: _Setup, log: MetricsLog, done: list[dict]) -> tuple[nn.Module, float]:
