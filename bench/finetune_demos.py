@@ -157,7 +157,7 @@ def demo2(a, ckpt: Path) -> None:
 def _breast_row(label: str, cs: list[dict]) -> list[str]:
     acc, auc = [c["top1"] for c in cs], [c["auc"] for c in cs]
     ok = statistics.mean(acc) >= TARGET[0] and statistics.mean(auc) >= TARGET[1]
-    gap = f"yes" if ok else f"no (ACC {statistics.mean(acc) - TARGET[0]:+.3f}, AUC {statistics.mean(auc) - TARGET[1]:+.3f})"
+    gap = "yes" if ok else f"no (ACC {statistics.mean(acc) - TARGET[0]:+.3f}, AUC {statistics.mean(auc) - TARGET[1]:+.3f})"
     return [label, _mean_sd(acc), _mean_sd(auc), f"{statistics.mean(c['train_seconds'] for c in cs):.0f} s",
             f"{cs[0]['trainable_params']:,}", gap]
 

@@ -8,5 +8,7 @@
 policies.py (what trains, BN modes, phase plans), probe.py (cached features, linear probe,
 prototype head), source.py (reading pretrained weights), lrfind.py, report.py, run.py.
 """
-from resforge.finetune.policies import POLICIES, Phase, parse_policy, plan  # noqa: F401
-from resforge.finetune.run import FinetuneRun, finetune, lr_find  # noqa: F401
+from resforge.finetune.policies import POLICIES, Phase, parse_policy, plan
+from resforge.finetune.run import FinetuneRun, finetune, lr_find
+
+__all__ = ["POLICIES", "Phase", "parse_policy", "plan", "FinetuneRun", "finetune", "lr_find"]
