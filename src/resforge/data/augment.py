@@ -116,13 +116,6 @@ class Augmenter:
         mean, std = self.mean.to(x_u8.device), self.std.to(x_u8.device)
         return (x_u8.float() / 255 - mean) / std
 
-    def eval_view(self, x_u8: torch.Tensor) -> torch.Tensor:
-        """The un-augmented input a model sees at evaluation: normalised, resized to out_hw."""
-        x = self.normalize(x_u8)
-        if x.shape[-2:] != self.out_hw:
-            x = F.interpolate(x, size=self.out_hw, mode="bilinear", antialias=True, align_corners=False)
-        return x
-
     def __call__(self, x_u8: torch.Tensor, y: torch.Tensor, index: torch.Tensor, epoch: int,
                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg

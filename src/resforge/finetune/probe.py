@@ -26,7 +26,9 @@ def extract_features(model: nn.Module, batches, augment, rt) -> tuple[torch.Tens
     model.eval()
     feats, labels = [], []
     for x_u8, y, _ in batches.batches(None):
-        x = augment.eval_view(x_u8)
+        x = augment.normalize(x_u8)
+        if x.shape[-2:] != augment.out_hw:
+            x = F.interpolate(x, size=augment.out_hw, mode="bilinear", antialias=True, align_corners=False)
         with rt.autocast():
             f = model.forward_head(model.forward_features(rt.to_input(x)), pre_logits=True)
         feats.append(f.float().cpu())

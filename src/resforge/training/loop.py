@@ -102,7 +102,9 @@ def predict_logits(model: nn.Module, batches, augment: Augmenter, rt: Runtime,
     model.eval()
     outs, labels = [], []
     for x_u8, y, _ in batches.batches(None):
-        x = augment.eval_view(x_u8)
+        x = augment.normalize(x_u8)
+        if x.shape[-2:] != augment.out_hw:
+            x = F.interpolate(x, size=augment.out_hw, mode="bilinear", antialias=True, align_corners=False)
         views = tta_views(x) if tta else [x]
         with rt.autocast():
             logits = sum(model(rt.to_input(v)).float() for v in views) / len(views)
