@@ -116,14 +116,20 @@ class Augmenter:
         mean, std = self.mean.to(x_u8.device), self.std.to(x_u8.device)
         return (x_u8.float() / 255 - mean) / std
 
+    def eval_view(self, x_u8: torch.Tensor) -> torch.Tensor:
+        """What evaluation, prediction and feature extraction see: normalised, resized to out_hw."""
+        x = self.normalize(x_u8)
+        if x.shape[-2:] == self.out_hw:
+            return x
+        return F.interpolate(x, size=self.out_hw, mode="bilinear", antialias=True, align_corners=False)
+
     def __call__(self, x_u8: torch.Tensor, y: torch.Tensor, index: torch.Tensor, epoch: int,
                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
-        x = self.normalize(x_u8)
         if c.random_resized_crop:
-            x = random_resized_crop(x, self.out_hw, g, scale=tuple(c.rrc_scale))
-        elif x.shape[-2:] != self.out_hw:
-            x = F.interpolate(x, size=self.out_hw, mode="bilinear", antialias=True, align_corners=False)
+            x = random_resized_crop(self.normalize(x_u8), self.out_hw, g, scale=tuple(c.rrc_scale))
+        else:
+            x = self.eval_view(x_u8)
         if c.flip == "random":
             x = flip_where(x, _rand(x.shape[0], g, x.device) < 0.5)
         elif c.flip == "alternate":

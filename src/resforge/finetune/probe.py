@@ -26,9 +26,7 @@ def extract_features(model: nn.Module, batches, augment, rt) -> tuple[torch.Tens
     model.eval()
     feats, labels = [], []
     for x_u8, y, _ in batches.batches(None):
-        x = augment.normalize(x_u8)
-        if x.shape[-2:] != augment.out_hw:
-            x = F.interpolate(x, size=augment.out_hw, mode="bilinear", antialias=True, align_corners=False)
+        x = augment.eval_view(x_u8)
         with rt.autocast():
             f = model.forward_head(model.forward_features(rt.to_input(x)), pre_logits=True)
         feats.append(f.float().cpu())
@@ -70,7 +68,7 @@ class IdentityAugment:
     def __call__(self, x, y, index, epoch, g):
         return x, y
 
-    def normalize(self, x):
+    def eval_view(self, x):
         return x
 
 

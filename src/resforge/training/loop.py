@@ -102,9 +102,7 @@ def predict_logits(model: nn.Module, batches, augment: Augmenter, rt: Runtime,
     model.eval()
     outs, labels = [], []
     for x_u8, y, _ in batches.batches(None):
-        x = augment.normalize(x_u8)
-        if x.shape[-2:] != augment.out_hw:
-            x = F.interpolate(x, size=augment.out_hw, mode="bilinear", antialias=True, align_corners=False)
+        x = augment.eval_view(x_u8)
         views = tta_views(x) if tta else [x]
         with rt.autocast():
             logits = sum(model(rt.to_input(v)).float() for v in views) / len(views)
