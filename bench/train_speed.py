@@ -27,7 +27,7 @@ from resforge.data.augment import Augmenter
 from resforge.data.loader import TensorBatches
 from resforge.models import create_model
 from resforge.training.device import make_runtime
-from resforge.training.loop import FitState, soft_cross_entropy, train_one_epoch
+from resforge.training.loop import FitState, Updater, soft_cross_entropy, train_one_epoch
 from resforge.training.optim import build_optimizer, build_scheduler
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -85,8 +85,9 @@ def resforge_images_per_s(arch: str, images, labels, steps: int, batch: int) -> 
     sched = build_scheduler(opt, ocfg, 1, len(batches))
     warm = TensorBatches(images[:2 * batch], labels[:2 * batch], rt.device, batch, shuffle=True, drop_last=True)
     kw = dict(epoch=0, seed=0, state=FitState(), progress=False)
-    train_one_epoch(model, warm, augment, opt, sched, rt, soft_cross_entropy(0.0), **kw)
-    stats = train_one_epoch(model, batches, augment, opt, sched, rt, soft_cross_entropy(0.0), **kw)
+    updater = Updater(opt, sched)
+    train_one_epoch(model, warm, augment, updater, rt, soft_cross_entropy(0.0), **kw)
+    stats = train_one_epoch(model, batches, augment, updater, rt, soft_cross_entropy(0.0), **kw)
     return stats["images"] / stats["seconds"], rt.describe()
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resforge.config import OptimConfig, TrainConfig
+from resforge.config import OptimConfig, RunConfig, TrainConfig
 from resforge.training.loop import fit
 
 
@@ -131,24 +131,30 @@ def probe_configs(optim: OptimConfig, train: TrainConfig, epochs: int, lr: float
     return o, t
 
 
-def linear_probe(fc: nn.Linear, train_feats, val_feats, rt, optim: OptimConfig, train: TrainConfig, *,
-                 epochs: int, lr: float, wd: float, drop_rate: float = 0.0, loss_fn=None,
-                 sample_weights=None, metrics_log=None, init: str = "prototype"):
-    """Train a linear head on cached features with the training loop; -> (ProbeHead, FitResult).
-
-    init "prototype" starts from the nearest-class-mean classifier (linear in standardised
-    features), so even a short probe starts no worse than class means; "model" starts from
-    `fc` as it is (e.g. rows kept from the pretrained head)."""
-    feats, labels = train_feats
-    head = ProbeHead(fc, drop_rate, feats.mean(0), feats.std(0) if len(feats) > 1 else None)
-    if init == "prototype":
+def probe_head(fc: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, cfg: RunConfig) -> ProbeHead:
+    """The probe's starting point: standardising buffers from the training features (N, D);
+    weights from the class means, unless pretrained head rows were kept
+    (finetune.keep_class_rows / class_map): then `fc` as it is."""
+    head = ProbeHead(fc, cfg.model.drop_rate, feats.mean(0), feats.std(0) if len(feats) > 1 else None)
+    if not (cfg.finetune.keep_class_rows or cfg.finetune.class_map):
         head.init_from_class_means(feats, labels)
-    head = head.to(rt.device)
-    o, t = probe_configs(optim, train, epochs, lr, wd)
+    return head
+
+
+def linear_probe(fc: nn.Linear, train_feats, val_feats, rt, cfg: RunConfig, *, loss_fn=None,
+                 sample_weights=None, metrics_log=None):
+    """Train a linear head on cached features with the training loop; -> (ProbeHead, FitResult).
+    Epochs, rate and weight decay are cfg.finetune.probe_*; dropout is cfg.model.drop_rate.
+    Starting from the class means (probe_head), even a short probe is no worse than them."""
+    ft = cfg.finetune
+    feats, labels = train_feats
+    head = probe_head(fc, feats, labels, cfg).to(rt.device)
+    o, t = probe_configs(cfg.optim, cfg.train, ft.probe_epochs, ft.probe_lr, ft.probe_weight_decay)
     # At least ~8 steps per epoch: tiny sets would otherwise get one or two updates an epoch.
-    bs = max(1, min(train.batch_size, -(-len(labels) // 8)))
+    bs = max(1, min(cfg.train.batch_size, -(-len(labels) // 8)))
     tb = FeatureBatches(*train_feats, bs, shuffle=True, sample_weights=sample_weights, device=rt.device)
-    vb = FeatureBatches(*val_feats, train.eval_batch_size, device=rt.device) if val_feats is not None else None
+    vb = (FeatureBatches(*val_feats, cfg.train.eval_batch_size, device=rt.device)
+          if val_feats is not None else None)
     result = fit(head, tb, vb, IdentityAugment(), rt, o, t, loss_fn=loss_fn, metrics_log=metrics_log,
                  desc="probe ")
     return result.model, result

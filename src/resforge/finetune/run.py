@@ -23,8 +23,8 @@ from resforge.data.augment import Augmenter
 from resforge.data.loader import TensorBatches, make_batches
 from resforge.finetune import policies as P
 from resforge.finetune.lrfind import lr_range_test, plot_lr_find
-from resforge.finetune.probe import (FeatureBatches, IdentityAugment, ProbeHead, PrototypeHead, extract_features,
-                                     linear_probe, probe_configs, probe_logits)
+from resforge.finetune.probe import (FeatureBatches, IdentityAugment, PrototypeHead, extract_features,
+                                     linear_probe, probe_configs, probe_head, probe_logits)
 from resforge.finetune.report import comparison_row, write_finetune_report
 from resforge.finetune.source import (Pretrained, build_from_pretrained, class_row_map, input_stats,
                                       keep_class_rows, read_pretrained)
@@ -209,18 +209,9 @@ def _prototype_row(s: _Setup, feats: dict, names: list[str]) -> dict:
                           trainable_params=0, class_names=names, scale=head.scale)
 
 
-def _probe_init(cfg: RunConfig) -> str:
-    """Kept pretrained head rows are the better start; otherwise the class means."""
-    return "model" if (cfg.finetune.keep_class_rows or cfg.finetune.class_map) else "prototype"
-
-
 def _probe(s: _Setup, feats: dict, log: MetricsLog, offset: int):
-    c, ft = s.cfg, s.cfg.finetune
-    head, result = linear_probe(s.model.fc, feats["train"], feats.get("val"), s.rt, c.optim, c.train,
-                                epochs=ft.probe_epochs, lr=ft.probe_lr, wd=ft.probe_weight_decay,
-                                drop_rate=c.model.drop_rate, loss_fn=s.loss_fn, sample_weights=s.sample_weights,
-                                metrics_log=_PhaseLog(log, "probe", offset), init=_probe_init(c))
-    return head, result
+    return linear_probe(s.model.fc, feats["train"], feats.get("val"), s.rt, s.cfg, loss_fn=s.loss_fn,
+                        sample_weights=s.sample_weights, metrics_log=_PhaseLog(log, "probe", offset))
 
 
 # ---------------------------------------------------------------- finetune
@@ -430,18 +421,12 @@ def _finetune_target(cfg: RunConfig, source, model_name):
         feats = _features(s)
         if last.kind == "probe":                        # linear-probe: the range test is the probe's
             o, _ = probe_configs(cfg.optim, cfg.train, 1, cfg.finetune.probe_lr, cfg.finetune.probe_weight_decay)
-            f = feats["train"][0]
-            head = ProbeHead(s.model.fc, cfg.model.drop_rate, f.mean(0), f.std(0))
-            if _probe_init(cfg) == "prototype":
-                head.init_from_class_means(*feats["train"])
-            head = head.to(s.rt.device)
+            head = probe_head(s.model.fc, *feats["train"], cfg).to(s.rt.device)
             fb = FeatureBatches(*feats["train"], min(cfg.train.batch_size, len(feats["train"][1])), shuffle=True,
                                 sample_weights=s.sample_weights, device=s.rt.device)
             return head, fb, IdentityAugment(), s.rt, None, s.loss_fn, o, f"{s.pre.arch} {cfg.finetune.policy} (linear probe)"
-        head, _ = linear_probe(s.model.fc, feats["train"], feats.get("val"), s.rt, cfg.optim, cfg.train,
-                               epochs=cfg.finetune.probe_epochs, lr=cfg.finetune.probe_lr,
-                               wd=cfg.finetune.probe_weight_decay, drop_rate=cfg.model.drop_rate,
-                               loss_fn=s.loss_fn, sample_weights=s.sample_weights, init=_probe_init(cfg))
+        head, _ = linear_probe(s.model.fc, feats["train"], feats.get("val"), s.rt, cfg, loss_fn=s.loss_fn,
+                               sample_weights=s.sample_weights)
         s.model.fc.load_state_dict(head.model_fc_state())
     if last.params == "lora":
         P.add_lora(s.model, cfg.finetune)

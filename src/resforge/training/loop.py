@@ -47,10 +47,45 @@ def soft_cross_entropy(label_smoothing: float, weight: torch.Tensor | None = Non
     return loss
 
 
-def train_one_epoch(model: nn.Module, batches, augment: Augmenter, opt, sched, rt: Runtime,
+@dataclass
+class Updater:
+    """How a batch's loss becomes a parameter update: the optimiser and its schedule, plus the
+    optional pieces around them (fp16 loss scaling, gradient clipping, per-stage gradient norms,
+    EMA of the weights). One object, so the epoch function reads like the maths."""
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None = None
+    clip_grad: float | None = None
+    grad_meter: GradNormMeter | None = None
+    ema: EMA | None = None
+
+    def step(self, model: nn.Module, loss: torch.Tensor, state: FitState) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)         # clip and measure true gradients
+        else:
+            loss.backward()
+        if self.grad_meter is not None:            # raw (unclipped) per-stage norms
+            self.grad_meter.update()
+        if self.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        state.step += 1
+        if self.ema is not None:
+            self.ema.update(model, state.step)
+
+
+def train_one_epoch(model: nn.Module, batches, augment: Augmenter, updater: Updater, rt: Runtime,
                     loss_fn: Callable, *, epoch: int, seed: int, state: FitState,
-                    ema: EMA | None = None, clip_grad: float | None = None, scaler=None,
-                    progress: bool = True, desc: str = "", grad_meter: GradNormMeter | None = None) -> dict:
+                    progress: bool = True, desc: str = "") -> dict:
+    """One pass over `batches`: augment on the device, forward, loss, update. -> epoch statistics
+    (train_loss, train_acc, images, seconds, and grad_norm_<stage> when the updater measures them)."""
     model.train()
     g = epoch_generator(seed, epoch, rt.device)
     total_loss = torch.zeros((), device=rt.device)
@@ -63,21 +98,7 @@ def train_one_epoch(model: nn.Module, batches, augment: Augmenter, opt, sched, r
         with rt.autocast():
             logits = model(rt.to_input(x))
         loss = loss_fn(logits, target)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if grad_meter is not None:              # raw (unclipped) per-stage norms
-            grad_meter.update()
-        if clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        (scaler.step(opt), scaler.update()) if scaler is not None else opt.step()
-        sched.step()
-        state.step += 1
-        if ema is not None:
-            ema.update(model, state.step)
+        updater.step(model, loss, state)
         # Accumulate on device: no host sync per step (it would stall a GPU pipeline).
         hard = target if target.ndim == 1 else target.argmax(1)
         total_loss += loss.detach() * len(y)
@@ -90,7 +111,7 @@ def train_one_epoch(model: nn.Module, batches, augment: Augmenter, opt, sched, r
     seconds = time.perf_counter() - t0
     if seen == 0:
         raise ValueError("the training split produced no batch: it is empty or smaller than one batch")
-    grads = grad_meter.epoch_means() if grad_meter is not None else {}
+    grads = updater.grad_meter.epoch_means() if updater.grad_meter is not None else {}
     return {"train_loss": total_loss.item() / seen, "train_acc": correct.item() / seen,
             "images": seen, "seconds": seconds, **grads}
 
@@ -153,15 +174,15 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
             metrics_log.truncate(state.epoch)
     step_model = torch.compile(model) if train_cfg.compile else model
     loss_fn = loss_fn or soft_cross_entropy(optim_cfg.label_smoothing)
-    grad_meter = GradNormMeter(model) if train_cfg.grad_norms else None
+    updater = Updater(opt, sched, scaler, optim_cfg.clip_grad,
+                      GradNormMeter(model) if train_cfg.grad_norms else None, ema)
     if lookahead is not None:
         lookahead.attach(opt, model)           # syncs after every optimiser step
     t_start, first_epoch = time.perf_counter(), state.epoch
     for epoch in range(state.epoch, train_cfg.epochs):
-        stats = train_one_epoch(step_model, train_batches, augment, opt, sched, rt, loss_fn,
-                                epoch=epoch, seed=train_cfg.seed, state=state, ema=ema,
-                                clip_grad=optim_cfg.clip_grad, scaler=scaler, progress=train_cfg.progress,
-                                desc=f"{desc}epoch {epoch + 1}/{train_cfg.epochs}", grad_meter=grad_meter)
+        stats = train_one_epoch(step_model, train_batches, augment, updater, rt, loss_fn,
+                                epoch=epoch, seed=train_cfg.seed, state=state, progress=train_cfg.progress,
+                                desc=f"{desc}epoch {epoch + 1}/{train_cfg.epochs}")
         out_of_time = _out_of_time(train_cfg.max_seconds, time.perf_counter() - t_start, epoch + 1 - first_epoch)
         if lookahead is not None and (out_of_time or epoch + 1 == train_cfg.epochs):
             lookahead.finish(model)            # the model evaluated and saved is the slow one
