@@ -42,3 +42,14 @@ def cifar10_archive(shared_data) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not found")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny-batch tests: they run fastest so, and stay fast
+    when other jobs share the cores (spinning OpenMP threads collapse under oversubscription)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

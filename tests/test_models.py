@@ -19,13 +19,7 @@ CIFAR_PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586,
                 "resnet56": 853_018, "resnet110": 1_727_962}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Batch-2 tiny inputs run fastest on one thread, and stay fast when other jobs share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny batches: see conftest
 
 
 def n_params(model: nn.Module) -> int:
