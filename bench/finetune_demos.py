@@ -113,7 +113,8 @@ def demo1(a) -> Path:
         report = _finished(project, name)
     row = [name, report["val"]["n"], f"{report['val']['top1']:.4f}", f"{report['test']['top1']:.4f}",
            report["best_epoch"], report["epochs_run"], f"{report['train_seconds'] / 60:.1f} min"]
-    _say(a.out, f"\n## 1. ResNet-18 from scratch on Imagenette (128 px)   (load {_load()})\n\n"
+    side = json.loads((project / name / "weights" / "best.json").read_text()).get("input_size", [0, "?"])[-1]
+    _say(a.out, f"\n## 1. ResNet-18 from scratch on Imagenette ({side} px)   (load {_load()})\n\n"
          + _table(["run", "val n", "val top-1", "test top-1 (carved from train)", "best epoch", "epochs",
                    "train time"], [row]))
     _record(a.out, "imagenette", {"val_top1": report["val"]["top1"], "test_top1": report["test"]["top1"],
@@ -127,8 +128,8 @@ def demo2(a, ckpt: Path) -> None:
     data = str(a.shared / "breastmnist.npz")
     seeds = range(1 if a.mini else a.seeds)
     mini = ["train.epochs=1", "finetune.probe_epochs=2", "finetune.input_size=32"] if a.mini else []
-    if a.side and not a.mini:
-        mini.append(f"finetune.input_size={a.side}")
+    if a.side and not a.mini:       # the recipe's 8-px translate is for 128 px inputs: scale it
+        mini += [f"finetune.input_size={a.side}", f"aug.translate={max(1, round(8 * a.side / 128))}"]
     policies = [p for p in POLICIES if p != "lora" or _has_peft()]
     results: dict[str, list[dict]] = {}
     for policy in policies + ["scratch"]:

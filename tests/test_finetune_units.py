@@ -6,21 +6,17 @@ import torch
 
 import resforge
 from resforge.config import FinetuneConfig, load_config
+from resforge.data.augment import Augmenter
 from resforge.data.loader import TensorBatches
 from resforge.finetune import policies as P
-from resforge.finetune.probe import FeatureBatches, ProbeHead, PrototypeHead
+from resforge.finetune.probe import FeatureBatches, ProbeHead, PrototypeHead, reestimate_bn
 from resforge.finetune.source import (CIFAR10_CLASSES, build_from_pretrained, class_row_map, keep_class_rows,
                                       read_pretrained)
+from resforge.training.device import make_runtime
 from resforge.training.loop import soft_cross_entropy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: see conftest
 
 
 def test_plans_of_every_policy_on_both_layouts():
@@ -59,6 +55,35 @@ def test_apply_phase_sets_trainable_parameters_and_locks_bn_in_eval_mode():
     assert m.layer1[0].bn1.training and all(p.requires_grad for p in m.parameters())
 
 
+def test_bn_of_trained_stages_is_reestimated_on_the_new_data_and_frozen_bn_is_not():
+    # Pretrained statistics from another domain: train-mode (batch) and eval-mode (running)
+    # normalisation disagree, so a head fitted on eval-mode features misfits fine-tuning's start.
+    torch.manual_seed(0)
+    m = resforge.create_model("resnet20", num_classes=2)
+    for bn in (x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)):
+        bn.running_mean.fill_(3.0)
+        bn.running_var.fill_(50.0)
+    phases = P.plan("last-stages:1", m, FinetuneConfig(head_init="probe"), 3)
+    assert P.bn_to_adapt(m, phases, "freeze-stats") == [] and P.bn_to_adapt(m, phases[:1], "train") == []
+    bns = P.bn_to_adapt(m, phases, "train")
+    assert bns and all(any(b is x for x in m.layer3.modules()) for b in bns)
+    frozen = m.layer1[0].bn1.running_mean.clone()
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    batches = TensorBatches(images.numpy(), np.zeros(64), torch.device("cpu"), 64)
+    aug = Augmenter(load_config("digits").aug, (0.5,) * 3, (0.25,) * 3, 2, (16, 16))
+    rt = make_runtime("cpu", "fp32", False)
+    reestimate_bn(m, bns, batches, aug, rt)
+    assert torch.equal(m.layer1[0].bn1.running_mean, frozen)               # frozen stage untouched
+    x = aug.eval_view(images)
+    with torch.no_grad():
+        eval_feats = m.forward_head(m.forward_features(x), pre_logits=True)
+        for b in bns:
+            b.train()
+        train_feats = m.forward_head(m.forward_features(x), pre_logits=True)
+    assert not m.training and all(b.momentum == 0.1 for b in bns)
+    assert torch.allclose(eval_feats, train_feats, rtol=0.05, atol=0.02)
+
+
 def test_keep_class_rows_copies_the_matching_pretrained_rows(shared_data):
     path = next((shared_data / "pretrained").glob("akamaster-resnet20-*.th"))
     pre = read_pretrained(path)
@@ -87,6 +112,23 @@ def test_probe_head_folds_its_standardisation_into_a_plain_fc():
     z = (feats - feats.mean(0)) / feats.std(0)
     means = torch.stack([z[labels == c].mean(0) for c in range(3)])
     assert torch.equal(fc(feats).argmax(1), torch.cdist(z, means).argmin(1))
+
+
+def test_probe_head_does_not_blow_up_near_constant_features():
+    # A unit that fires on 2 of 200 images has a tiny std; dividing by it would fold a weight
+    # ~1000x the others into the model's fc, and fine-tuning that wakes the unit explodes.
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(200, 16, generator=g)
+    feats[:, 3] = 0.0
+    feats[:2, 3] = 1e-3
+    feats[:, 5] = 0.0                                          # dead: std 0
+    labels = torch.arange(200) % 2
+    head = ProbeHead(torch.nn.Linear(16, 2), 0.0, feats.mean(0), feats.std(0))
+    head.init_from_class_means(feats, labels)
+    w = head.model_fc_state()["weight"].abs()
+    assert head.sd.min() >= 0.1 * feats.std(0)[feats.std(0) > 0].median() - 1e-9
+    assert w.max() <= 20 * w[:, [0, 1, 2, 4]].max()
+    assert torch.isfinite(w).all()
 
 
 def test_prototype_head_predicts_the_nearest_class_mean_and_fits_a_temperature():

@@ -150,6 +150,17 @@ def _bn_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
+def bn_to_adapt(model: nn.Module, phases: list[Phase], bn: str) -> list[nn.Module]:
+    """The BN layers some fit phase will run in train mode (bn "train", stage trainable): their
+    statistics are the pretrained domain's, while training normalises with the new data's batch
+    statistics, so the features fine-tuning starts from are not the ones a probe was fitted on."""
+    if bn != "train":
+        return []
+    owner = stage_of(model)
+    stages = {st for ph in phases if ph.kind == "fit" for st in ph.stages}
+    return [m for n, m in _bn_modules(model).items() if owner.get(n) in stages]
+
+
 def _is_bitfit(name: str, bn_names) -> bool:
     return name.endswith(".bias") or _under(name, bn_names)
 

@@ -24,7 +24,7 @@ from resforge.data.loader import TensorBatches, make_batches
 from resforge.finetune import policies as P
 from resforge.finetune.lrfind import lr_range_test, plot_lr_find
 from resforge.finetune.probe import (FeatureBatches, IdentityAugment, PrototypeHead, extract_features,
-                                     linear_probe, probe_configs, probe_head, probe_logits)
+                                     linear_probe, probe_configs, probe_head, probe_logits, reestimate_bn)
 from resforge.finetune.report import comparison_row, write_finetune_report
 from resforge.finetune.source import (Pretrained, build_from_pretrained, class_row_map, input_stats,
                                       keep_class_rows, read_pretrained)
@@ -183,10 +183,10 @@ class _PhaseLog:
 
 # ---------------------------------------------------------------- features, prototype, probe
 
-def _features(s: _Setup) -> dict:
+def _features(s: _Setup, splits=("train", "val", "test")) -> dict:
     """Frozen-backbone features of every split, computed once (BN in eval mode, no augmentation)."""
     out, seconds = {}, {}
-    for split in ("train", "val", "test"):
+    for split in splits:
         if len(s.bundle.splits[split].labels):
             t0 = time.perf_counter()
             b = make_batches(s.bundle, split, s.rt.device, s.cfg.train.eval_batch_size, train=False,
@@ -209,9 +209,10 @@ def _prototype_row(s: _Setup, feats: dict, names: list[str]) -> dict:
                           trainable_params=0, class_names=names, scale=head.scale)
 
 
-def _probe(s: _Setup, feats: dict, log: MetricsLog, offset: int):
+def _probe(s: _Setup, feats: dict, log: MetricsLog | None, offset: int):
     return linear_probe(s.model.fc, feats["train"], feats.get("val"), s.rt, s.cfg, loss_fn=s.loss_fn,
-                        sample_weights=s.sample_weights, metrics_log=_PhaseLog(log, "probe", offset))
+                        sample_weights=s.sample_weights,
+                        metrics_log=None if log is None else _PhaseLog(log, "probe", offset))
 
 
 # ---------------------------------------------------------------- finetune
@@ -261,7 +262,8 @@ def _before_rows(s: _Setup, log: MetricsLog) -> tuple[list[dict], list[dict], fl
         return [], [], 0.0
     feats = _features(s)
     rows = [_prototype_row(s, feats, names)] if ft.compare else []
-    head, res = _probe(s, feats, log, 0)
+    adapt = P.bn_to_adapt(s.model, s.phases, ft.bn) if need_probe else []
+    head, res = _probe(s, feats, None if adapt else log, 0)
     seconds = res.train_seconds + feats["seconds"]
     trainable, total = sum(p.numel() for p in head.parameters()), P.count_params(s.model)
     _say(f"phase 'probe' (linear head on cached features, backbone frozen, BN in eval mode): trainable params "
@@ -274,8 +276,28 @@ def _before_rows(s: _Setup, log: MetricsLog) -> tuple[list[dict], list[dict], fl
                                    trainable_params=trainable, class_names=names, baseline=rows[0]))
     if not need_probe:
         return rows, [], 0.0             # the probe was for row (b) only: not a phase of the policy
+    if adapt:                            # the policy trains BN layers: refit its head on adapted features
+        head, res, feats = _adapted_probe(s, adapt, log)
+        seconds = res.train_seconds + feats["seconds"]
+        done = [_phase_info(phase, res, {"trainable": trainable, "total": total}, 0, seconds)]
     s.model.fc.load_state_dict(head.model_fc_state())          # head first: start from the probe
     return rows, done, seconds
+
+
+def _adapted_probe(s: _Setup, bns: list[nn.Module], log: MetricsLog):
+    """Re-estimate the statistics of the BN layers the policy will train (AdaBN, no weight
+    changes) on the training images, then fit the policy's starting head on the features of
+    that network: rows (a) and (b) describe the backbone as it came, this head the start."""
+    t0 = time.perf_counter()
+    b = make_batches(s.bundle, "train", s.rt.device, s.cfg.train.eval_batch_size, train=False,
+                     workers=s.cfg.data.workers)
+    reestimate_bn(s.model, bns, b, s.augment, s.rt)
+    _say(f"BN statistics of {len(bns)} layers the policy trains re-estimated on the training images "
+         f"(AdaBN) in {time.perf_counter() - t0:.1f}s; the policy's head is fitted on those features")
+    feats = _features(s, ("train", "val"))
+    feats["seconds"] += time.perf_counter() - t0
+    head, res = _probe(s, feats, log, 0)
+    return head, res, feats
 
 
 def _run_phases(s: _Setup, log: MetricsLog, done: list[dict]) -> tuple[nn.Module, float]:
@@ -418,15 +440,19 @@ def _finetune_target(cfg: RunConfig, source, model_name):
     s = _setup(cfg, source, model_name)
     last = s.phases[-1]
     if s.phases[0].kind == "probe":
-        feats = _features(s)
+        adapt = P.bn_to_adapt(s.model, s.phases, cfg.finetune.bn)
+        feats = _features(s, ("train", "val")) if not adapt else None
         if last.kind == "probe":                        # linear-probe: the range test is the probe's
             o, _ = probe_configs(cfg.optim, cfg.train, 1, cfg.finetune.probe_lr, cfg.finetune.probe_weight_decay)
             head = probe_head(s.model.fc, *feats["train"], cfg).to(s.rt.device)
             fb = FeatureBatches(*feats["train"], min(cfg.train.batch_size, len(feats["train"][1])), shuffle=True,
                                 sample_weights=s.sample_weights, device=s.rt.device)
             return head, fb, IdentityAugment(), s.rt, None, s.loss_fn, o, f"{s.pre.arch} {cfg.finetune.policy} (linear probe)"
-        head, _ = linear_probe(s.model.fc, feats["train"], feats.get("val"), s.rt, cfg, loss_fn=s.loss_fn,
-                               sample_weights=s.sample_weights)
+        if adapt:                                       # as finetune() does: the head fits the start
+            head, _, _ = _adapted_probe(s, adapt, None)
+        else:
+            head, _ = linear_probe(s.model.fc, feats["train"], feats.get("val"), s.rt, cfg, loss_fn=s.loss_fn,
+                                   sample_weights=s.sample_weights)
         s.model.fc.load_state_dict(head.model_fc_state())
     if last.params == "lora":
         P.add_lora(s.model, cfg.finetune)
