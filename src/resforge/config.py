@@ -134,7 +134,7 @@ class FinetuneConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_lr_mult: float = 10.0        # adapter rate = optim.lr * this (they start at zero and need larger steps)
+    lora_lr_mult: float = 1.0         # adapter rate = optim.lr * this (10 diverged with SGD: NaN on BreastMNIST)
     compare: bool = True              # also score the prototype head and the linear probe (report rows a, b)
 
 
