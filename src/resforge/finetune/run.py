@@ -258,46 +258,50 @@ def _before_rows(s: _Setup, log: MetricsLog) -> tuple[list[dict], list[dict], fl
     first starts from the probe. -> (rows, phase records, seconds the policy spent on its head)."""
     ft, names = s.cfg.finetune, list(s.bundle.class_names)
     need_probe = s.phases[0].kind == "probe"
-    if not (ft.compare or need_probe):
-        return [], [], 0.0
-    feats = _features(s)
-    rows = [_prototype_row(s, feats, names)] if ft.compare else []
     adapt = P.bn_to_adapt(s.model, s.phases, ft.bn) if need_probe else []
-    head, res = _probe(s, feats, None if adapt else log, 0)
-    seconds = res.train_seconds + feats["seconds"]
-    trainable, total = sum(p.numel() for p in head.parameters()), P.count_params(s.model)
-    _say(f"phase 'probe' (linear head on cached features, backbone frozen, BN in eval mode): trainable params "
-         f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) in {s.pre.arch}; {res.train_seconds:.1f}s")
-    phase = s.phases[0] if need_probe else P.Phase("probe", "probe", (P.HEAD,))
-    done = [_phase_info(phase, res, {"trainable": trainable, "total": total}, 0, seconds)]
+    rows, probe = [], None
     if ft.compare:
-        m = classification_metrics(probe_logits(head, feats["test"][0]).numpy(), feats["test"][1].numpy(), names)
-        rows.append(comparison_row("b", "linear probe on cached features", m, train_seconds=seconds,
-                                   trainable_params=trainable, class_names=names, baseline=rows[0]))
+        feats = _features(s)
+        rows.append(_prototype_row(s, feats, names))
+        own = not adapt                  # the policy starts from this probe unless its BN adapts first
+        probe = _fit_probe(s, feats, log if own else None, announce=own)
+        m = classification_metrics(probe_logits(probe[0], feats["test"][0]).numpy(), feats["test"][1].numpy(), names)
+        rows.append(comparison_row("b", "linear probe on cached features", m, train_seconds=probe[2],
+                                   trainable_params=probe[3], class_names=names, baseline=rows[0]))
+        probe = probe if own else None
     if not need_probe:
         return rows, [], 0.0             # the probe was for row (b) only: not a phase of the policy
-    if adapt:                            # the policy trains BN layers: refit its head on adapted features
-        head, res, feats = _adapted_probe(s, adapt, log)
-        seconds = res.train_seconds + feats["seconds"]
-        done = [_phase_info(phase, res, {"trainable": trainable, "total": total}, 0, seconds)]
+    if probe is None:
+        probe = _start_probe(s, adapt, log)
+    head, res, seconds, trainable, total = probe
+    done = [_phase_info(s.phases[0], res, {"trainable": trainable, "total": total}, 0, seconds)]
     s.model.fc.load_state_dict(head.model_fc_state())          # head first: start from the probe
     return rows, done, seconds
 
 
-def _adapted_probe(s: _Setup, bns: list[nn.Module], log: MetricsLog):
-    """Re-estimate the statistics of the BN layers the policy will train (AdaBN, no weight
-    changes) on the training images, then fit the policy's starting head on the features of
-    that network: rows (a) and (b) describe the backbone as it came, this head the start."""
-    t0 = time.perf_counter()
-    b = make_batches(s.bundle, "train", s.rt.device, s.cfg.train.eval_batch_size, train=False,
-                     workers=s.cfg.data.workers)
-    reestimate_bn(s.model, bns, b, s.augment, s.rt)
-    _say(f"BN statistics of {len(bns)} layers the policy trains re-estimated on the training images "
-         f"(AdaBN) in {time.perf_counter() - t0:.1f}s; the policy's head is fitted on those features")
-    feats = _features(s, ("train", "val"))
-    feats["seconds"] += time.perf_counter() - t0
+def _fit_probe(s: _Setup, feats: dict, log: MetricsLog | None, announce: bool = True, extra_seconds: float = 0.0):
+    """-> (head, fit result, seconds incl. the train split's feature pass, trainable, total)."""
     head, res = _probe(s, feats, log, 0)
-    return head, res, feats
+    trainable, total = sum(p.numel() for p in head.parameters()), P.count_params(s.model)
+    if announce:
+        _say(f"phase 'probe' (linear head on cached features, backbone frozen, BN in eval mode): trainable params "
+             f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) in {s.pre.arch}; {res.train_seconds:.1f}s")
+    return head, res, res.train_seconds + feats["seconds"] + extra_seconds, trainable, total
+
+
+def _start_probe(s: _Setup, bns: list[nn.Module], log: MetricsLog | None):
+    """The policy's starting head. When the policy trains BN layers, their statistics are first
+    re-estimated on the training images (AdaBN, no weight changes) and the head is fitted on the
+    features of that network: rows (a) and (b) describe the backbone as it came, this head the start."""
+    t0 = time.perf_counter()
+    if bns:
+        b = make_batches(s.bundle, "train", s.rt.device, s.cfg.train.eval_batch_size, train=False,
+                         workers=s.cfg.data.workers)
+        reestimate_bn(s.model, bns, b, s.augment, s.rt)
+        _say(f"BN statistics of {len(bns)} layers the policy trains re-estimated on the training images "
+             f"(AdaBN) in {time.perf_counter() - t0:.1f}s; the policy's head is fitted on those features")
+    adapt_seconds = time.perf_counter() - t0
+    return _fit_probe(s, _features(s, ("train", "val")), log, extra_seconds=adapt_seconds)
 
 
 def _run_phases(s: _Setup, log: MetricsLog, done: list[dict]) -> tuple[nn.Module, float]:
@@ -440,19 +444,15 @@ def _finetune_target(cfg: RunConfig, source, model_name):
     s = _setup(cfg, source, model_name)
     last = s.phases[-1]
     if s.phases[0].kind == "probe":
-        adapt = P.bn_to_adapt(s.model, s.phases, cfg.finetune.bn)
-        feats = _features(s, ("train", "val")) if not adapt else None
         if last.kind == "probe":                        # linear-probe: the range test is the probe's
+            feats = _features(s, ("train",))
             o, _ = probe_configs(cfg.optim, cfg.train, 1, cfg.finetune.probe_lr, cfg.finetune.probe_weight_decay)
             head = probe_head(s.model.fc, *feats["train"], cfg).to(s.rt.device)
             fb = FeatureBatches(*feats["train"], min(cfg.train.batch_size, len(feats["train"][1])), shuffle=True,
                                 sample_weights=s.sample_weights, device=s.rt.device)
             return head, fb, IdentityAugment(), s.rt, None, s.loss_fn, o, f"{s.pre.arch} {cfg.finetune.policy} (linear probe)"
-        if adapt:                                       # as finetune() does: the head fits the start
-            head, _, _ = _adapted_probe(s, adapt, None)
-        else:
-            head, _ = linear_probe(s.model.fc, feats["train"], feats.get("val"), s.rt, cfg, loss_fn=s.loss_fn,
-                                   sample_weights=s.sample_weights)
+        adapt = P.bn_to_adapt(s.model, s.phases, cfg.finetune.bn)
+        head = _start_probe(s, adapt, None)[0]         # as finetune() does: the head fits the start
         s.model.fc.load_state_dict(head.model_fc_state())
     if last.params == "lora":
         P.add_lora(s.model, cfg.finetune)
