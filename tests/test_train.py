@@ -68,6 +68,24 @@ def test_early_stopping_restores_best(tmp_path):
     assert best["epoch"] <= len(rows)
 
 
+def test_a_diverging_run_stops_and_keeps_only_finite_weights():
+    import numpy as np
+    from resforge.config import TrainConfig, load_config
+    from resforge.data.augment import Augmenter
+    from resforge.data.loader import TensorBatches
+    from resforge.training.device import make_runtime
+    from resforge.training.loop import DivergedError, _improved, fit
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batches = TensorBatches(images.numpy(), np.arange(64) % 2, torch.device("cpu"), 16)
+    aug = Augmenter(load_config("digits").aug, (0.5,) * 3, (0.25,) * 3, 2, (8, 8))
+    # a constant rate of 1e6 sends the loss to inf/nan in the first epoch: no finite weights to keep
+    with pytest.raises(DivergedError, match="diverged in epoch 1.*lower optim.lr"):
+        fit(resforge.create_model("resnet20", num_classes=2), batches, batches, aug, make_runtime("cpu", "fp32", False),
+            OptimConfig(lr=1e6, schedule="constant", warmup_epochs=0), TrainConfig(epochs=6, progress=False))
+    cfg = TrainConfig(monitor="val_loss")
+    assert not _improved(cfg, float("nan"), None) and not _improved(cfg, float("inf"), 1.0) and _improved(cfg, 0.5, 1.0)
+
+
 def test_options_ema_mixup_dropout_adamw_run(tmp_path):
     run = _train(tmp_path, ["train.ema=0.9", "aug.mixup=0.2", "aug.cutmix=1.0", "model.drop_rate=0.2",
                             "optim.name=adamw", "optim.lr=0.003", "optim.schedule=cosine",

@@ -116,7 +116,9 @@ class EvalConfig:
 class FinetuneConfig:
     """Starting from pretrained weights (resforge finetune); ignored by plain training."""
     policy: str = "gradual"           # linear-probe | last-stages:K | stages:A,B | full | gradual | bitfit | lora
-    bn: str = "train"                 # train | freeze-stats (running stats fixed) | freeze (stats and affine)
+    bn: str = "auto"                  # auto | train | freeze-stats (running stats fixed) | freeze (stats and affine)
+    bn_min_values: int = 256          # auto: BN layers whose batch gives a channel fewer values (batch x H x W)
+                                      # keep re-estimated running statistics instead of batch statistics
     head_init: str = "probe"          # probe: start the head from the linear probe (LP-FT) | fresh
     keep_class_rows: bool = False     # copy pretrained fc rows of classes whose names match the data's
     class_map: str | None = None      # explicit "new:old,new2:old2" (or a .json/.yaml file) for keep_class_rows
@@ -316,7 +318,7 @@ CHOICES = {
     ("optim", "milestone_unit"): ("auto", "fraction", "epoch", "step"),
     ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
     ("train", "monitor"): ("val_acc", "val_loss"),
-    ("finetune", "bn"): ("train", "freeze-stats", "freeze"),
+    ("finetune", "bn"): ("auto", "train", "freeze-stats", "freeze"),
     ("finetune", "head_init"): ("probe", "fresh"),
     ("finetune", "decay_unit"): ("stage", "block"),
     ("finetune", "class_weights"): ("none", "balanced"),

@@ -94,9 +94,18 @@ def _per_class(rows: list[dict], class_names: list[str]) -> str:
     return _md_table(head, body)
 
 
+def _best(p: dict) -> str:
+    """'7 (val_loss 0.4350)' or '3 (val_acc 83.33%)': the value early stopping / restore-best used."""
+    if p.get("best") is None:
+        return "n/a"
+    value = _pct(p["best"]) if p.get("monitor") == "val_acc" else f"{p['best']:.4f}"
+    return f"{p.get('best_epoch', '?')} ({p.get('monitor')} {value})"
+
+
 def _phases(phases: list[dict]) -> str:
-    head = ["phase", "epochs run", "best val acc", "trainable params", "seconds", "frozen tensors unchanged"]
-    body = [[p["name"], str(p.get("epochs_run", "")), _pct(p.get("best_val_acc")), f"{p['trainable']:,}",
+    head = ["phase", "epochs run", "best epoch (monitored value)", "trainable params", "seconds",
+            "frozen tensors unchanged"]
+    body = [[p["name"], str(p.get("epochs_run", "")), _best(p), f"{p['trainable']:,}",
              f"{p.get('seconds', 0):.1f}", str(p.get("frozen_checked", 0))] for p in phases]
     return _md_table(head, body)
 

@@ -65,6 +65,8 @@ class _Setup:
     train_batches: object
     val_batches: object | None
     notes: list
+    bn: str = "train"                # finetune.bn resolved ("auto" -> "train" + keep_stats)
+    keep_stats: frozenset = frozenset()   # BN layers kept in eval mode although their stage trains
 
 
 def _say(msg: str) -> None:
@@ -103,8 +105,19 @@ def _setup(cfg: RunConfig, source, model_name: str | None) -> _Setup:
     tb = _train_batches(bundle, cfg, rt, sample_weights)
     vb = (make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers)
           if len(bundle.splits["val"].labels) else None)
+    bn, keep = P.resolve_bn(model, cfg.finetune.bn, (bundle.channels, *out_hw), cfg.train.batch_size,
+                            cfg.finetune.bn_min_values, pretrained=pre.fmt != "scratch", phases=phases)
+    if keep:
+        notes.append(f"finetune.bn=auto: {len(keep)} BN layers keep running statistics (re-estimated on the training "
+                     f"images where their stage trains) "
+                     f"(a batch of {cfg.train.batch_size} gives their channels < {cfg.finetune.bn_min_values} "
+                     f"values at {out_hw[0]}x{out_hw[1]} px): {_first(sorted(keep))}")
     return _Setup(cfg, rt, bundle, manifest, pre, model, kwargs, augment, mean, std, phases,
-                  soft_cross_entropy(cfg.optim.label_smoothing, class_w), sample_weights, tb, vb, notes)
+                  soft_cross_entropy(cfg.optim.label_smoothing, class_w), sample_weights, tb, vb, notes, bn, keep)
+
+
+def _first(names: list[str], k: int = 4) -> str:
+    return ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "")
 
 
 def _model(cfg: RunConfig, pre: Pretrained, bundle) -> tuple[nn.Module, dict, list[str]]:
@@ -258,7 +271,7 @@ def _before_rows(s: _Setup, log: MetricsLog) -> tuple[list[dict], list[dict], fl
     first starts from the probe. -> (rows, phase records, seconds the policy spent on its head)."""
     ft, names = s.cfg.finetune, list(s.bundle.class_names)
     need_probe = s.phases[0].kind == "probe"
-    adapt = P.bn_to_adapt(s.model, s.phases, ft.bn) if need_probe else []
+    adapt = P.bn_to_adapt(s.model, s.phases, s.bn) if need_probe else []
     rows, probe = [], None
     if ft.compare:
         feats = _features(s)
@@ -274,7 +287,8 @@ def _before_rows(s: _Setup, log: MetricsLog) -> tuple[list[dict], list[dict], fl
     if probe is None:
         probe = _start_probe(s, adapt, log)
     head, res, seconds, trainable, total = probe
-    done = [_phase_info(s.phases[0], res, {"trainable": trainable, "total": total}, 0, seconds)]
+    done = [_phase_info(s.phases[0], res, {"trainable": trainable, "total": total}, 0, seconds,
+                       s.cfg.train.monitor)]
     s.model.fc.load_state_dict(head.model_fc_state())          # head first: start from the probe
     return rows, done, seconds
 
@@ -312,7 +326,7 @@ def _run_phases(s: _Setup, log: MetricsLog, done: list[dict]) -> tuple[nn.Module
     for i, ph in enumerate(p for p in s.phases if p.kind == "fit"):
         if ph.params == "lora" and lora is None:
             lora = P.add_lora(model, s.cfg.finetune)
-        counts = P.apply_phase(model, ph, s.cfg.finetune.bn)
+        counts = P.apply_phase(model, ph, s.bn, s.keep_stats)
         _say(P.describe(ph, counts, arch))
         snapshot = P.frozen_snapshot(model)
         train_cfg = dataclasses.replace(s.cfg.train, epochs=ph.epochs, seed=s.cfg.train.seed + 1000 * (i + 1))
@@ -326,7 +340,7 @@ def _run_phases(s: _Setup, log: MetricsLog, done: list[dict]) -> tuple[nn.Module
                                f"frozen (e.g. {moved[0]}): this is a bug in resforge, please report it")
         offset += result.state.epoch
         seconds += result.train_seconds
-        done.append(_phase_info(ph, result, counts, len(snapshot), result.train_seconds))
+        done.append(_phase_info(ph, result, counts, len(snapshot), result.train_seconds, train_cfg.monitor))
     if lora is not None:
         lora.model = model
         model = lora.merge_and_unload()                   # plain weights again: a normal checkpoint
@@ -334,10 +348,11 @@ def _run_phases(s: _Setup, log: MetricsLog, done: list[dict]) -> tuple[nn.Module
     return model.eval(), seconds
 
 
-def _phase_info(ph, result, counts: dict, frozen_checked: int, seconds: float) -> dict:
+def _phase_info(ph, result, counts: dict, frozen_checked: int, seconds: float, monitor: str) -> dict:
     return {"name": ph.name, "kind": ph.kind, "stages": list(ph.stages), "params": ph.params,
             "epochs": ph.epochs, "epochs_run": result.state.epoch, "best_epoch": result.state.best_epoch,
-            "best_val_acc": result.state.best, "trainable": counts["trainable"], "total": counts.get("total"),
+            "monitor": monitor, "best": result.state.best,
+            "trainable": counts["trainable"], "total": counts.get("total"),
             "frozen_checked": frozen_checked, "seconds": round(seconds, 3),
             "lr_scale": {k: round(v, 6) for k, v in ph.lr_scale.items()}}
 
@@ -381,7 +396,8 @@ def _save(run_dir: Path, model, meta: dict, rows: list[dict], results: dict, s: 
     extra = {"split_hash": meta["split_hash"], "wall_seconds": round(wall, 2),
              "data": {**meta["data"], "splits": {k: int(len(sp.labels)) for k, sp in s.bundle.splits.items()}},
              "finetune": {"policy": s.cfg.finetune.policy, "source": str(s.pre.path), "arch": s.pre.arch,
-                          "source_format": s.pre.fmt, "bn": s.cfg.finetune.bn, "phases": phases,
+                          "source_format": s.pre.fmt, "bn": s.cfg.finetune.bn,
+                          "bn_kept_stats": sorted(s.keep_stats), "phases": phases,
                           "input_size": list(s.augment.out_hw), "notes": s.notes}}
     md = write_finetune_report(run_dir, rows, results, meta=meta, extra=extra)
     if (run_dir / "metrics.csv").is_file():
@@ -451,11 +467,11 @@ def _finetune_target(cfg: RunConfig, source, model_name):
             fb = FeatureBatches(*feats["train"], min(cfg.train.batch_size, len(feats["train"][1])), shuffle=True,
                                 sample_weights=s.sample_weights, device=s.rt.device)
             return head, fb, IdentityAugment(), s.rt, None, s.loss_fn, o, f"{s.pre.arch} {cfg.finetune.policy} (linear probe)"
-        adapt = P.bn_to_adapt(s.model, s.phases, cfg.finetune.bn)
+        adapt = P.bn_to_adapt(s.model, s.phases, s.bn)
         head = _start_probe(s, adapt, None)[0]         # as finetune() does: the head fits the start
         s.model.fc.load_state_dict(head.model_fc_state())
     if last.params == "lora":
         P.add_lora(s.model, cfg.finetune)
-    P.apply_phase(s.model, last, cfg.finetune.bn)
+    P.apply_phase(s.model, last, s.bn, s.keep_stats)
     return (s.model, s.train_batches, s.augment, s.rt, last.lr_scale, s.loss_fn, cfg.optim,
             f"{s.pre.arch} {cfg.finetune.policy}, phase '{last.name}'")

@@ -7,6 +7,7 @@ unfreeze -> fit) instead of copying it, and it runs unchanged under DDP (only ra
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -138,6 +139,8 @@ def val_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def _improved(cfg: TrainConfig, value: float, best: float | None) -> bool:
+    if not math.isfinite(value):                 # a diverged epoch is never the best one
+        return False
     if best is None:
         return True
     return value > best if cfg.monitor == "val_acc" else value < best
@@ -197,7 +200,7 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
         if val_batches is not None and ((epoch + 1) % train_cfg.val_every == 0 or last):
             row |= val_metrics(*predict_logits(eval_model, val_batches, augment, rt))
             value = row[train_cfg.monitor]
-            if _improved(train_cfg, value, state.best):
+            if _finite(row) and _improved(train_cfg, value, state.best):
                 state.best, state.best_epoch, state.bad_rounds = value, epoch + 1, 0
                 best_weights = copy.deepcopy(eval_model.state_dict())
                 if checkpointer is not None:
@@ -213,6 +216,9 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
         if checkpointer is not None:
             checkpointer("last", eval_model, state, row,
                          resume=_snapshot(state, model, opt, sched, ema, scaler, best_weights, lookahead))
+        if not _finite(row):
+            _diverged(row, train_cfg, state, best_weights is not None, desc)
+            break
         if stop:
             _log(f"{desc}early stop: {train_cfg.monitor} has not improved for "
                  f"{train_cfg.patience} validations (best {state.best:.4f} at epoch {state.best_epoch})")
@@ -224,6 +230,23 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
     if train_cfg.restore_best and best_weights is not None:
         final.load_state_dict(best_weights)
     return FitResult(final, state, time.perf_counter() - t_start)
+
+
+def _finite(row: dict) -> bool:
+    return all(math.isfinite(row[k]) for k in ("train_loss", "val_loss") if k in row)
+
+
+class DivergedError(RuntimeError):
+    """Training produced inf/nan and no earlier epoch's weights are there to fall back on."""
+
+
+def _diverged(row: dict, cfg: TrainConfig, state: FitState, have_best: bool, desc: str) -> None:
+    what = (f"{desc}training diverged in epoch {row['epoch']} (train loss {row['train_loss']:.4g}, "
+            f"val loss {row.get('val_loss', float('nan')):.4g})")
+    advice = "lower optim.lr, or set optim.clip_grad (e.g. 1.0)"
+    if not (cfg.restore_best and have_best):
+        raise DivergedError(f"{what}, and there is no earlier validated epoch to restore: {advice}")
+    _log(f"{what}: stopped; the best epoch ({state.best_epoch}) is restored. Next time {advice}")
 
 
 def _report_epoch(row: dict, stats: dict, cfg: TrainConfig, desc: str) -> None:
