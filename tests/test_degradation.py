@@ -130,6 +130,18 @@ def test_rerun_with_other_settings_is_refused(experiment):
         dg.run_degradation(DEPTHS, [0], epochs=EPOCHS + 1, overrides=_tiny(root), name="tiny", project=root)
 
 
+def test_a_run_another_process_is_training_is_left_to_it(tmp_path):
+    import fcntl
+    spec = dg.RunSpec("plain", 20, 0)
+    calls = []
+    with open(tmp_path / f".{spec.folder}.lock", "a") as other:     # a second open file: as another process
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert dg.run_one(spec, tmp_path, {}, lambda *a, **k: calls.append(a)) == "busy"
+    assert calls == []
+    settings = {"recipe": "digits", "epochs": None, "overrides": []}
+    assert dg.run_one(spec, tmp_path, settings, lambda *a, **k: calls.append(a)) == "trained" and len(calls) == 1
+
+
 def test_run_state_tells_finished_started_and_stub_folders_apart(tmp_path):
     run = tmp_path / "plain20-s0"
     assert dg.run_state(run) == "absent"

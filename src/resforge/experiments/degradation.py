@@ -21,6 +21,8 @@ once, on the final weights.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,8 +146,32 @@ def run_state(run_dir: Path) -> str:
                      "move it away and rerun to train it again")
 
 
+@contextlib.contextmanager
+def _claim(exp_dir: Path, spec: RunSpec):
+    """An exclusive, non-blocking lock per run: several invocations of the experiment (e.g. two
+    single-thread processes on a 2-core CPU, ~1.4x the throughput of one two-thread process) share
+    the runs instead of training the same one twice. Yields False when another process holds it.
+    The OS drops the lock when its holder dies, so a killed run is free to resume."""
+    with open(exp_dir / f".{spec.folder}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_one(spec: RunSpec, exp_dir: Path, settings: dict, train_fn: Callable) -> str:
-    """Train one twin, resume it, or skip it if finished; returns "skipped" | "resumed" | "trained"."""
+    """Train one twin, resume it, or skip it; -> "skipped" | "resumed" | "trained" | "busy"
+    (another process is training it)."""
+    with _claim(exp_dir, spec) as mine:
+        return _run_one(spec, exp_dir, settings, train_fn) if mine else "busy"
+
+
+def _run_one(spec: RunSpec, exp_dir: Path, settings: dict, train_fn: Callable) -> str:
     run_dir = exp_dir / spec.folder
     state = run_state(run_dir)
     if state == "finished":
@@ -173,9 +199,14 @@ def run_degradation(depths=(20, 56), seeds=(0,), *, recipe: str = DEFAULT_RECIPE
     settings = {"recipe": recipe, "epochs": epochs, "overrides": list(overrides)}
     twins = [twin_check(d) for d in depths]
     _check_settings(exp_dir, settings)
+    busy = []
     for spec in run_specs(depths, seeds):
         status = run_one(spec, exp_dir, settings, train_fn)
         print(f"degradation: {spec.folder} {status}", flush=True)
+        busy += [spec.folder] if status == "busy" else []
+    if busy:
+        print(f"degradation: {', '.join(busy)} being trained by another process; the figure and table below "
+              "cover the finished runs only: rerun the same command when it is done", flush=True)
     summary = summarise(exp_dir, depths, seeds, twins, settings)
     write_outputs(exp_dir, summary)
     return summary
