@@ -309,6 +309,6 @@ def finetune(source, **kwargs):
 
 
 def lr_find(source=None, **kwargs) -> dict:
-    """Learning-rate range test (plot + suggested rate); see resforge.finetune.run.lr_find."""
-    from resforge.finetune.run import lr_find as _lr_find
+    """Learning-rate range test (plot + suggested rate); see resforge.finetune.lrfind.lr_find."""
+    from resforge.finetune.lrfind import lr_find as _lr_find
     return _lr_find(source, **kwargs)

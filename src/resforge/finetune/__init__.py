@@ -6,9 +6,11 @@
     run.rows        # (a) prototype head, (b) linear probe, (c) the policy, on the same test split
 
 policies.py (what trains, BN modes, phase plans), probe.py (cached features, linear probe,
-prototype head), source.py (reading pretrained weights), lrfind.py, report.py, run.py.
+prototype head), source.py (reading pretrained weights), setup.py (what finetune and lr-find share),
+lrfind.py (range test + `lr_find`), report.py, run.py (`finetune`).
 """
 from resforge.finetune.policies import POLICIES, Phase, parse_policy, plan
-from resforge.finetune.run import FinetuneRun, finetune, lr_find
+from resforge.finetune.lrfind import lr_find
+from resforge.finetune.run import FinetuneRun, finetune
 
 __all__ = ["POLICIES", "Phase", "parse_policy", "plan", "FinetuneRun", "finetune", "lr_find"]

@@ -6,11 +6,13 @@ its minimum. Suggested rate: a tenth of the rate at the smoothed-loss minimum (t
 itself is already past the stable region). Per-group multipliers (discriminative rates,
 head_lr_mult) ride along unchanged, so the suggestion is for optim.lr of the same setup.
 The model's weights are restored afterwards: the test leaves no trace.
+`lr_find` (below) is the command: it builds the setup a `finetune` or `train` run would use.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -19,8 +21,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from resforge.config import OptimConfig
-from resforge.data.loader import epoch_generator
+from resforge.config import OptimConfig, RunConfig
+from resforge.data.augment import Augmenter
+from resforge.data.loader import epoch_generator, make_batches
+from resforge.finetune import policies as P
+from resforge.finetune.probe import FeatureBatches, IdentityAugment, probe_configs, probe_head
+from resforge.finetune.setup import build_setup, cached_features, resolve_config, say, start_probe
+from resforge.runs import new_run_dir
+from resforge.training.device import make_runtime, seed_everything
+from resforge.training.loop import soft_cross_entropy
 from resforge.training.optim import build_optimizer, param_groups
 
 
@@ -105,3 +114,65 @@ def plot_lr_find(result: dict, out_png: Path, title: str = "learning-rate range 
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
     return out_png
+
+
+# ---------------------------------------------------------------- the lr-find command
+
+def lr_find(source: str | Path | None = None, *, data: str | None = None, policy: str | None = None,
+            recipe: str | None = None, overrides: list[str] | dict | None = None, model: str | None = None,
+            start: float = 1e-6, end: float = 1.0, steps: int = 100, out: str | Path | None = None,
+            config: RunConfig | None = None) -> dict:
+    """Learning-rate range test for the setup a `finetune` (source given) or `train` (no source:
+    the recipe's model) run would use; writes lr_find.png and lr_find.json. -> the result dict
+    with "suggested" (a value for optim.lr)."""
+    cfg = resolve_config(recipe, overrides, data=data, policy=policy, source=source, config=config)
+    if source is None:
+        net, batches, augment, rt, lr_scale, loss_fn, optim, what = _scratch_target(cfg)
+    else:
+        net, batches, augment, rt, lr_scale, loss_fn, optim, what = _finetune_target(cfg, source, model)
+    res = lr_range_test(net, batches, augment, rt, optim, loss_fn, lr_scale=lr_scale, start=start, end=end,
+                        steps=steps, seed=cfg.train.seed)
+    out_dir = Path(out) if out else new_run_dir(cfg.train.project, cfg.train.name or "lr-find")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res["target"] = what
+    res["plot"] = str(plot_lr_find(res, out_dir / "lr_find.png", f"lr range test: {what}"))
+    (out_dir / "lr_find.json").write_text(json.dumps(res, indent=2))
+    key = "finetune.probe_lr" if what.endswith("(linear probe)") else "optim.lr"
+    say(f"lr-find ({what}): loss minimum at {res['min_loss_lr']:.3g}; suggested {key}={res['suggested']:.3g}"
+         f"\nplot: {res['plot']}")
+    return res
+
+
+def _scratch_target(cfg: RunConfig):
+    from resforge.api import build_model, channel_stats, prepare_data
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    rt = make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last)
+    bundle, _ = prepare_data(cfg)
+    net, _, pre = build_model(cfg, len(bundle.class_names), bundle.channels)
+    mean, std = (pre["mean"], pre["std"]) if pre.get("mean") else channel_stats(bundle)
+    augment = Augmenter(cfg.aug, mean, std, len(bundle.class_names), bundle.image_size, seed=cfg.train.seed)
+    tb = make_batches(bundle, "train", rt.device, cfg.train.batch_size, train=True, workers=cfg.data.workers)
+    return (net.to(rt.device), tb, augment, rt, None, soft_cross_entropy(cfg.optim.label_smoothing), cfg.optim,
+            f"{cfg.model.name} from scratch")
+
+
+def _finetune_target(cfg: RunConfig, source, model_name):
+    """The main (last) phase of the policy, after its probe phase when it has one."""
+    s = build_setup(cfg, source, model_name)
+    last = s.phases[-1]
+    if s.phases[0].kind == "probe":
+        if last.kind == "probe":                        # linear-probe: the range test is the probe's
+            feats = cached_features(s, ("train",))
+            o, _ = probe_configs(cfg.optim, cfg.train, 1, cfg.finetune.probe_lr, cfg.finetune.probe_weight_decay)
+            head = probe_head(s.model.fc, *feats["train"], cfg).to(s.rt.device)
+            fb = FeatureBatches(*feats["train"], min(cfg.train.batch_size, len(feats["train"][1])), shuffle=True,
+                                sample_weights=s.sample_weights, device=s.rt.device)
+            return head, fb, IdentityAugment(), s.rt, None, s.loss_fn, o, f"{s.pre.arch} {cfg.finetune.policy} (linear probe)"
+        adapt = P.bn_to_adapt(s.model, s.phases, s.bn)
+        head = start_probe(s, adapt, None)[0]         # as finetune() does: the head fits the start
+        s.model.fc.load_state_dict(head.model_fc_state())
+    if last.params == "lora":
+        P.add_lora(s.model, cfg.finetune)
+    P.apply_phase(s.model, last, s.bn, s.keep_stats)
+    return (s.model, s.train_batches, s.augment, s.rt, last.lr_scale, s.loss_fn, cfg.optim,
+            f"{s.pre.arch} {cfg.finetune.policy}, phase '{last.name}'")
