@@ -18,6 +18,12 @@ def test_every_recipe_loads():
         load_config(name)
 
 
+def test_numbers_in_exponent_form_without_a_dot_are_numbers():
+    # YAML 1.1 (PyYAML) reads "1e-3" as a string; a user typing it means 0.001
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5E-4", "finetune.probe_lr=+2e1"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.finetune.probe_lr) == (0.001, 0.0005, 20.0)
+
+
 @pytest.mark.parametrize("override, words", [
     ("lrr=0.1", "Did you mean 'lr'"),
     ("optim.lrr=0.1", "Did you mean 'optim.lr'"),

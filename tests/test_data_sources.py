@@ -201,6 +201,15 @@ def test_cifar_not_found_says_where_and_how(tmp_path, tmp_cache):
     assert str(tmp_path / "cifar-100-python.tar.gz") in msg and "--download" in msg
 
 
+
+def test_cifar_not_found_under_a_relative_root_names_the_folder_it_means(tmp_path, tmp_cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        load_source("cifar10", data_root="../no-such-folder")
+    assert f"(= {tmp_path.parent / 'no-such-folder'}, relative to {tmp_path})" in str(err.value)
+    assert "does not exist" in str(err.value)
+
+
 def test_unknown_spec(tmp_cache):
     with pytest.raises(FileNotFoundError, match="'nope'.*digits"):
         load_source("nope")

@@ -248,3 +248,15 @@ def test_scratch_control_runs_through_the_same_pipeline(tiny_npz, tmp_path, cach
     assert run.model.drop.p == 0.3
     model, meta = load_for_inference(run.dir)                 # resized input recorded for inference
     assert meta["input_size"] == [1, 32, 32] and model(torch.zeros(2, 1, 32, 32)).shape == (2, 2)
+
+
+def test_a_diverging_phase_is_undone_and_reported(resnet20, tiny_npz, tmp_path, cache):
+    # optim.lr=1e6 sends an unfreeze phase to inf/nan in its first epoch: nothing in it to keep,
+    # so the run keeps what the phases before it left, skips the rest, and says so
+    run = _ft(resnet20, tiny_npz, tmp_path, cache, "gradual", "optim.lr=1e6", "optim.schedule=constant")
+    flags = [p.get("diverged", False) for p in run.phases]
+    assert flags[-1] and not any(flags[:-1]) and len(flags) < 5          # probe + 4 unfreeze phases planned
+    assert all(torch.isfinite(v).all() for v in run.model.state_dict().values() if v.is_floating_point())
+    assert [r["key"] for r in run.rows] == ["a", "b", "c"]
+    report = (run.dir / "report.md").read_text()
+    assert "diverged: undone" in report and "was undone" in report

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -116,9 +117,8 @@ class EvalConfig:
 class FinetuneConfig:
     """Starting from pretrained weights (resforge finetune); ignored by plain training."""
     policy: str = "gradual"           # linear-probe | last-stages:K | stages:A,B | full | gradual | bitfit | lora
-    bn: str = "auto"                  # auto | train | freeze-stats (running stats fixed) | freeze (stats and affine)
-    bn_min_values: int = 256          # auto: BN layers whose batch gives a channel fewer values (batch x H x W)
-                                      # keep re-estimated running statistics instead of batch statistics
+    bn: str = "auto"                  # auto (train; freeze-stats for lora) | train | freeze-stats (running
+                                      # stats fixed) | freeze (stats and affine)
     head_init: str = "probe"          # probe: start the head from the linear probe (LP-FT) | fresh
     keep_class_rows: bool = False     # copy pretrained fc rows of classes whose names match the data's
     class_map: str | None = None      # explicit "new:old,new2:old2" (or a .json/.yaml file) for keep_class_rows
@@ -206,6 +206,9 @@ def resolve_key(key: str) -> tuple[str, str]:
     raise ConfigError(f"unknown config key '{key}'.{_suggest(key, names)}")
 
 
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce(value: Any, hint, key: str):
     """Check/convert a parsed value against a dataclass field's type hint."""
     origin = typing.get_origin(hint)
@@ -239,6 +242,8 @@ def _coerce(value: Any, hint, key: str):
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)           # YAML 1.1 reads "1e-3" (no dot) as a string
         raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

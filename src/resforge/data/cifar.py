@@ -65,9 +65,12 @@ def looks_like_cifar(path: Path) -> bool:
 def not_found_message(name: str, data_root) -> str:
     looked = "\n  ".join(str(p) for p in candidate_paths(name, data_root))
     archive = CIFAR_FILES[CIFAR_NAMES[name][1][0]][0]
-    return (f"{name} not found; looked for:\n  {looked}\n"
+    root = Path(data_root)
+    where = f"{root}" if root.is_absolute() else f"{root} (= {root.resolve()}, relative to {Path.cwd()})"
+    missing = "" if root.is_dir() else f"\nThe folder {where} does not exist."
+    return (f"{name} not found; looked for:\n  {looked}{missing}\n"
             f"Fix: pass --download (download=True) to fetch {BASE_URL}{archive}, or put {archive} "
-            f"(or an extracted folder) in {data_root} (set RESFORGE_DATA to use another folder).")
+            f"(or an extracted folder) in {where} (set RESFORGE_DATA to use another folder).")
 
 
 # ---------------------------------------------------------------- download

@@ -173,6 +173,6 @@ def _finetune_target(cfg: RunConfig, source, model_name):
         s.model.fc.load_state_dict(head.model_fc_state())
     if last.params == "lora":
         P.add_lora(s.model, cfg.finetune)
-    P.apply_phase(s.model, last, s.bn, s.keep_stats)
+    P.apply_phase(s.model, last, s.bn)
     return (s.model, s.train_batches, s.augment, s.rt, last.lr_scale, s.loss_fn, cfg.optim,
             f"{s.pre.arch} {cfg.finetune.policy}, phase '{last.name}'")

@@ -96,6 +96,8 @@ def _per_class(rows: list[dict], class_names: list[str]) -> str:
 
 def _best(p: dict) -> str:
     """'7 (val_loss 0.4350)' or '3 (val_acc 83.33%)': the value early stopping / restore-best used."""
+    if p.get("diverged"):
+        return "diverged: undone"
     if p.get("best") is None:
         return "n/a"
     value = _pct(p["best"]) if p.get("monitor") == "val_acc" else f"{p['best']:.4f}"

@@ -7,6 +7,7 @@ then run the policy's phases, each one call of the training loop, and write the 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import time
@@ -23,7 +24,7 @@ from resforge.finetune.setup import (PhaseLog, Setup, build_setup, cached_featur
                                      say, start_probe)
 from resforge.metrics import classification_metrics
 from resforge.runs import MetricsLog, is_main_process, new_run_dir
-from resforge.training.loop import fit
+from resforge.training.loop import DivergedError, fit
 
 
 @dataclass
@@ -124,13 +125,25 @@ def _run_phases(s: Setup, log: MetricsLog, done: list[dict]) -> tuple[nn.Module,
     for i, ph in enumerate(p for p in s.phases if p.kind == "fit"):
         if ph.params == "lora" and lora is None:
             lora = P.add_lora(model, s.cfg.finetune)
-        counts = P.apply_phase(model, ph, s.bn, s.keep_stats)
+        counts = P.apply_phase(model, ph, s.bn)
         say(P.describe(ph, counts, arch))
         snapshot = P.frozen_snapshot(model)
         train_cfg = dataclasses.replace(s.cfg.train, epochs=ph.epochs, seed=s.cfg.train.seed + 1000 * (i + 1))
-        result = fit(model, s.train_batches, s.val_batches, s.augment, s.rt, s.cfg.optim, train_cfg,
-                     lr_scale=ph.lr_scale, loss_fn=s.loss_fn, metrics_log=PhaseLog(log, ph.name, offset),
-                     desc=f"[{ph.name}] ")
+        before, t0 = copy.deepcopy(model.state_dict()), time.perf_counter()
+        try:
+            result = fit(model, s.train_batches, s.val_batches, s.augment, s.rt, s.cfg.optim, train_cfg,
+                         lr_scale=ph.lr_scale, loss_fn=s.loss_fn, metrics_log=PhaseLog(log, ph.name, offset),
+                         desc=f"[{ph.name}] ")
+        except DivergedError as e:                        # nothing validated in this phase: undo it
+            model.load_state_dict(before)
+            s.notes.append(f"{e}. Phase '{ph.name}' was undone (weights as before it) and the phases after it "
+                           "skipped: the final model is the one the earlier phases left")
+            say(s.notes[-1])
+            done.append({"name": ph.name, "kind": ph.kind, "stages": list(ph.stages), "params": ph.params,
+                         "epochs": ph.epochs, "epochs_run": 0, "diverged": True, "trainable": counts["trainable"],
+                         "total": counts["total"], "frozen_checked": 0,
+                         "seconds": round(time.perf_counter() - t0, 3)})
+            break
         model = result.model                              # the EMA copy when train.ema is set
         moved = P.changed(model, snapshot)
         if moved:
@@ -195,7 +208,7 @@ def _save(run_dir: Path, model, meta: dict, rows: list[dict], results: dict, s: 
              "data": {**meta["data"], "splits": {k: int(len(sp.labels)) for k, sp in s.bundle.splits.items()}},
              "finetune": {"policy": s.cfg.finetune.policy, "source": str(s.pre.path), "arch": s.pre.arch,
                           "source_format": s.pre.fmt, "bn": s.cfg.finetune.bn,
-                          "bn_kept_stats": sorted(s.keep_stats), "phases": phases,
+                          "bn_resolved": s.bn, "phases": phases,
                           "input_size": list(s.augment.out_hw), "notes": s.notes}}
     md = write_finetune_report(run_dir, rows, results, meta=meta, extra=extra)
     if (run_dir / "metrics.csv").is_file():

@@ -41,8 +41,7 @@ class Setup:
     train_batches: object
     val_batches: object | None
     notes: list
-    bn: str = "train"                # finetune.bn resolved ("auto" -> "train" + keep_stats)
-    keep_stats: frozenset = frozenset()   # BN layers kept in eval mode although their stage trains
+    bn: str = "train"                # finetune.bn resolved ("auto" -> "train", or "freeze-stats" for LoRA)
 
 
 def say(msg: str) -> None:
@@ -81,19 +80,9 @@ def build_setup(cfg: RunConfig, source, model_name: str | None) -> Setup:
     tb = _train_batches(bundle, cfg, rt, sample_weights)
     vb = (make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers)
           if len(bundle.splits["val"].labels) else None)
-    bn, keep = P.resolve_bn(model, cfg.finetune.bn, (bundle.channels, *out_hw), cfg.train.batch_size,
-                            cfg.finetune.bn_min_values, pretrained=pre.fmt != "scratch", phases=phases)
-    if keep:
-        notes.append(f"finetune.bn=auto: {len(keep)} BN layers keep running statistics (re-estimated on the training "
-                     f"images where their stage trains) "
-                     f"(a batch of {cfg.train.batch_size} gives their channels < {cfg.finetune.bn_min_values} "
-                     f"values at {out_hw[0]}x{out_hw[1]} px): {first_names(sorted(keep))}")
     return Setup(cfg, rt, bundle, manifest, pre, model, kwargs, augment, mean, std, phases,
-                  soft_cross_entropy(cfg.optim.label_smoothing, class_w), sample_weights, tb, vb, notes, bn, keep)
-
-
-def first_names(names: list[str], k: int = 4) -> str:
-    return ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "")
+                  soft_cross_entropy(cfg.optim.label_smoothing, class_w), sample_weights, tb, vb, notes,
+                 P.resolve_bn(cfg.finetune.bn, phases))
 
 
 def _model(cfg: RunConfig, pre: Pretrained, bundle) -> tuple[nn.Module, dict, list[str]]:

@@ -196,11 +196,12 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
             row |= prefixed_metrics(*predict_logits(eval_model, train_eval_batches, augment, rt), "train_eval")
         row |= {k: v for k, v in stats.items() if k.startswith("grad_norm_")}
         last = epoch + 1 == train_cfg.epochs or out_of_time
+        weights_ok = _weights_finite(eval_model)
         stop = False
         if val_batches is not None and ((epoch + 1) % train_cfg.val_every == 0 or last):
             row |= val_metrics(*predict_logits(eval_model, val_batches, augment, rt))
             value = row[train_cfg.monitor]
-            if _finite(row) and _improved(train_cfg, value, state.best):
+            if weights_ok and _finite(row) and _improved(train_cfg, value, state.best):
                 state.best, state.best_epoch, state.bad_rounds = value, epoch + 1, 0
                 best_weights = copy.deepcopy(eval_model.state_dict())
                 if checkpointer is not None:
@@ -213,12 +214,12 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
         if metrics_log is not None:
             metrics_log.append(row)
         _report_epoch(row, stats, train_cfg, desc)
+        if not (weights_ok and _finite(row)):            # no "last" checkpoint of nan weights
+            _diverged(row, weights_ok, train_cfg, state, best_weights is not None, desc)
+            break
         if checkpointer is not None:
             checkpointer("last", eval_model, state, row,
                          resume=_snapshot(state, model, opt, sched, ema, scaler, best_weights, lookahead))
-        if not _finite(row):
-            _diverged(row, train_cfg, state, best_weights is not None, desc)
-            break
         if stop:
             _log(f"{desc}early stop: {train_cfg.monitor} has not improved for "
                  f"{train_cfg.patience} validations (best {state.best:.4f} at epoch {state.best_epoch})")
@@ -236,13 +237,19 @@ def _finite(row: dict) -> bool:
     return all(math.isfinite(row[k]) for k in ("train_loss", "val_loss") if k in row)
 
 
+def _weights_finite(model: nn.Module) -> bool:
+    # finite losses can hide overflowed BN running variances (inf) that the next epoch turns into nan
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+
+
 class DivergedError(RuntimeError):
     """Training produced inf/nan and no earlier epoch's weights are there to fall back on."""
 
 
-def _diverged(row: dict, cfg: TrainConfig, state: FitState, have_best: bool, desc: str) -> None:
+def _diverged(row: dict, weights_ok: bool, cfg: TrainConfig, state: FitState, have_best: bool, desc: str) -> None:
     what = (f"{desc}training diverged in epoch {row['epoch']} (train loss {row['train_loss']:.4g}, "
-            f"val loss {row.get('val_loss', float('nan')):.4g})")
+            f"val loss {row.get('val_loss', float('nan')):.4g}"
+            f"{'' if weights_ok else ', inf/nan in the weights or BN statistics'})")
     advice = "lower optim.lr, or set optim.clip_grad (e.g. 1.0)"
     if not (cfg.restore_best and have_best):
         raise DivergedError(f"{what}, and there is no earlier validated epoch to restore: {advice}")
