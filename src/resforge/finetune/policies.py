@@ -153,8 +153,8 @@ def _bn_modules(model: nn.Module) -> dict[str, nn.Module]:
 def resolve_bn(bn: str, phases: list[Phase] = ()) -> str:
     """finetune.bn "auto" -> "train", except with LoRA -> "freeze-stats": the adapters learn a
     small change of the pretrained function, and statistics moving under them change it outside
-    the adapters (BreastMNIST, 3 seeds: test AUC 0.842 with the pretrained statistics; with batch
-    statistics one seed reached 0.819, and AdaBN-re-estimated statistics held fixed diverged)."""
+    the adapters (BreastMNIST: test AUC 0.842 over 3 seeds with the pretrained statistics; runs whose
+    statistics moved or were re-estimated reached 0.819 on one seed or diverged, see docs/finetune.md)."""
     if bn != "auto":
         return bn
     return "freeze-stats" if any(ph.params == "lora" for ph in phases) else "train"
