@@ -124,6 +124,18 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(experiment, tmp_p
     assert main(argv) == 0 and calls == []                  # everything finished: nothing trains
 
 
+def test_jobs_train_the_runs_in_helper_processes_too(tmp_path):
+    threads = torch.get_num_threads()
+    summary = dg.run_degradation(DEPTHS, [0], epochs=1, overrides=_tiny(tmp_path), name="jobs", project=tmp_path,
+                                 jobs=2)
+    exp = tmp_path / "degradation-jobs"
+    assert all(dg.run_state(exp / s.folder) == "finished" for s in dg.run_specs(DEPTHS, [0]))
+    assert summary["findings"]["per_seed"]["0"]["complete"] and (exp / "degradation.png").is_file()
+    assert torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="jobs"):
+        dg.run_degradation(DEPTHS, [0], epochs=1, overrides=_tiny(tmp_path), name="jobs", project=tmp_path, jobs=0)
+
+
 def test_rerun_with_other_settings_is_refused(experiment):
     root, _ = experiment
     with pytest.raises(ValueError, match="--name"):
