@@ -251,8 +251,11 @@ def _diverged(row: dict, weights_ok: bool, cfg: TrainConfig, state: FitState, ha
             f"val loss {row.get('val_loss', float('nan')):.4g}"
             f"{'' if weights_ok else ', inf/nan in the weights or BN statistics'})")
     advice = "lower optim.lr, or set optim.clip_grad (e.g. 1.0)"
-    if not (cfg.restore_best and have_best):
+    if not have_best:
         raise DivergedError(f"{what}, and there is no earlier validated epoch to restore: {advice}")
+    if not cfg.restore_best:
+        raise DivergedError(f"{what}; train.restore_best=false asks for the final weights, and they are not "
+                            f"finite: {advice} (or set train.restore_best=true to keep the best epoch)")
     _log(f"{what}: stopped; the best epoch ({state.best_epoch}) is restored. Next time {advice}")
 
 
