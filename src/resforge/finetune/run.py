@@ -139,10 +139,7 @@ def _run_phases(s: Setup, log: MetricsLog, done: list[dict]) -> tuple[nn.Module,
             s.notes.append(f"{e}. Phase '{ph.name}' was undone (weights as before it) and the phases after it "
                            "skipped: the final model is the one the earlier phases left")
             say(s.notes[-1])
-            done.append({"name": ph.name, "kind": ph.kind, "stages": list(ph.stages), "params": ph.params,
-                         "epochs": ph.epochs, "epochs_run": 0, "diverged": True, "trainable": counts["trainable"],
-                         "total": counts["total"], "frozen_checked": 0,
-                         "seconds": round(time.perf_counter() - t0, 3)})
+            done.append(_phase_info(ph, None, counts, 0, time.perf_counter() - t0, train_cfg.monitor))
             break
         model = result.model                              # the EMA copy when train.ema is set
         moved = P.changed(model, snapshot)
@@ -160,9 +157,11 @@ def _run_phases(s: Setup, log: MetricsLog, done: list[dict]) -> tuple[nn.Module,
 
 
 def _phase_info(ph, result, counts: dict, frozen_checked: int, seconds: float, monitor: str) -> dict:
+    """One phase's record; result None: the phase diverged and was undone."""
+    state = result.state if result is not None else None
     return {"name": ph.name, "kind": ph.kind, "stages": list(ph.stages), "params": ph.params,
-            "epochs": ph.epochs, "epochs_run": result.state.epoch, "best_epoch": result.state.best_epoch,
-            "monitor": monitor, "best": result.state.best,
+            "epochs": ph.epochs, "epochs_run": state.epoch if state else 0, "diverged": state is None,
+            "best_epoch": state.best_epoch if state else 0, "monitor": monitor, "best": state.best if state else None,
             "trainable": counts["trainable"], "total": counts.get("total"),
             "frozen_checked": frozen_checked, "seconds": round(seconds, 3),
             "lr_scale": {k: round(v, 6) for k, v in ph.lr_scale.items()}}
