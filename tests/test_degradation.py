@@ -124,6 +124,33 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(experiment, tmp_p
     assert main(argv) == 0 and calls == []                  # everything finished: nothing trains
 
 
+def test_report_draws_unfinished_runs_and_trains_nothing(experiment, tmp_path, monkeypatch):
+    root, _ = experiment
+    exp = tmp_path / "degradation-tiny"
+    shutil.copytree(root / "degradation-tiny", exp)
+    (exp / "plain32-s0" / "report.json").unlink()          # still training: one epoch of two so far
+    lines = (exp / "plain32-s0" / "metrics.csv").read_text().splitlines()
+    (exp / "plain32-s0" / "metrics.csv").write_text("\n".join(lines[:2]) + "\n")
+    shutil.rmtree(exp / "resnet32-s0")                     # not started
+    for f in ("degradation.png", "degradation.md"):
+        (exp / f).unlink()
+    calls = _spy(monkeypatch)
+    argv = ["experiment", "degradation", "--depths", "20,32", "--epochs", str(EPOCHS), "--seeds", "1",
+            "--name", "tiny", "--project", str(tmp_path), "--report", *_tiny(root)]
+    assert main(argv) == 0 and calls == []
+    summary = json.loads((exp / "degradation.json").read_text())
+    assert [r["model"] for r in summary["table"]] == ["plain20", "resnet20"]
+    assert summary["in_progress"] == [{"family": "plain", "depth": 32, "seed": 0, "epochs": 1, "planned_epochs": EPOCHS,
+                                       "train_error": summary["in_progress"][0]["train_error"],
+                                       "last_val_error": summary["in_progress"][0]["last_val_error"]}]
+    assert summary["findings"]["per_seed"]["0"]["complete"] is False
+    md = (exp / "degradation.md").read_text()
+    assert "- plain-32 seed 0: epoch 1 of 2, training error" in md and "not decided yet" in md
+    assert (exp / "degradation.png").is_file()
+    with pytest.raises(FileNotFoundError, match="no experiment"):
+        dg.report_degradation(DEPTHS, [0], epochs=EPOCHS, name="other", project=tmp_path)
+
+
 def test_jobs_train_the_runs_in_helper_processes_too(tmp_path):
     threads = torch.get_num_threads()
     summary = dg.run_degradation(DEPTHS, [0], epochs=1, overrides=_tiny(tmp_path), name="jobs", project=tmp_path,

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import resforge
 from resforge.checkpoint import load_for_inference, read_meta, save_checkpoint
 from resforge.config import OptimConfig
+from resforge.plots import read_metrics_csv
 from resforge.training.optim import lr_factor
 from resforge.weights import WeightsError
 
@@ -173,3 +174,52 @@ def test_train_on_npz_with_one_channel(shared_data, tmp_path):
                                      f"train.project={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"])
     assert run.meta["input_size"] == [1, 28, 28]
     assert run.results["test"]["n"] == 156 and "auc" in run.results["test"]
+
+
+def test_fit_budget_sizes_the_schedule_to_end_inside_the_budget(tmp_path, capsys):
+    run = _train(tmp_path, ["train.max_seconds=6", "train.fit_budget=true", "train.epochs=500",
+                            "optim.schedule=onecycle"])
+    epochs = run.config.train.epochs
+    assert 1 <= epochs < 500                                   # 500 digits epochs do not fit in 6 s
+    assert f"train.fit_budget: {epochs} epochs fit train.max_seconds=6" in capsys.readouterr().out
+    saved = json.loads((run.dir / "config.json").read_text())["train"]
+    assert saved["epochs"] == epochs and saved["fit_budget"] is True   # what ran is what is recorded
+    assert read_meta(run.dir / "weights" / "best.safetensors")["config"]["train"]["epochs"] == epochs
+    cols = read_metrics_csv(run.dir / "metrics.csv")
+    if len(cols["epoch"]) == epochs:                           # (a very slow, shared CPU may hit the hard stop)
+        assert cols["lr"][-1] <= 0.01 * run.config.optim.lr    # the one-cycle ran to its end
+
+
+def test_budget_planning_leaves_model_and_random_streams_untouched():
+    from resforge.config import load_config
+    from resforge.data.augment import Augmenter
+    from resforge.data.loader import TensorBatches
+    from resforge.training.budget import plan_epochs
+    from resforge.training.device import make_runtime
+    from resforge.training.loop import soft_cross_entropy
+    cfg = load_config("digits", ["data.image_size=8", "train.max_seconds=100", "train.fit_budget=true"])
+    model = resforge.create_model("resnet20", num_classes=10, in_chans=1)
+    x = torch.randint(0, 255, (300, 1, 8, 8), dtype=torch.uint8).numpy()
+    y = (torch.arange(300) % 10).numpy()
+    tb = TensorBatches(x, y, torch.device("cpu"), 64, shuffle=True)
+    vb = TensorBatches(x[:100], y[:100], torch.device("cpu"), 50)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    plan = plan_epochs(100.0, model, tb, [vb, None], Augmenter(cfg.aug, [0.5], [0.5], 10, (8, 8)),
+                       make_runtime("cpu", "fp32", False), cfg.optim, cfg.train, soft_cross_entropy(0.0))
+    assert torch.equal(torch.rand(4), expected)                # the run's random stream is not consumed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert plan.step_seconds > 0 and plan.eval_seconds > 0
+    assert plan.epochs == max(1, int(0.95 * 100.0 / plan.epoch_seconds))
+    assert abs(plan.epoch_seconds - (len(tb) * plan.step_seconds + plan.eval_seconds)) < 1e-9
+
+
+def test_fit_budget_needs_a_budget_and_is_refused_by_finetune():
+    from resforge.config import ConfigError, load_config
+    from resforge.finetune.setup import resolve_config
+    with pytest.raises(ConfigError, match="train.max_seconds"):
+        load_config("digits", ["train.fit_budget=true"])
+    with pytest.raises(ConfigError, match="fine-tuning"):
+        resolve_config("finetune", ["train.max_seconds=60", "train.fit_budget=true"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,8 @@ from resforge.infer import predict  # noqa: F401  (re-exported API)
 from resforge.report import write_report
 from resforge.runs import MetricsLog, default_run_name, is_main_process, new_run_dir
 from resforge.training.device import Runtime, make_runtime, seed_everything
-from resforge.training.loop import fit, predict_logits
+from resforge.training.budget import plan_epochs
+from resforge.training.loop import fit, predict_logits, soft_cross_entropy
 from resforge.training.probes import train_eval_batches
 from resforge.weights import load_weights
 
@@ -160,6 +161,13 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     if snap is None and not cfg.model.pretrained:
         init_from_data(model, bundle, mean, std)
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    augment = Augmenter(cfg.aug, mean, std, len(bundle.class_names), bundle.image_size, seed=cfg.train.seed)
+    tb = make_batches(bundle, "train", rt.device, cfg.train.batch_size, train=True, workers=cfg.data.workers)
+    vb = (make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers)
+          if len(bundle.splits["val"].labels) else None)     # data.val_fraction=0: no validation
+    teb = train_eval_batches(bundle, cfg.train.eval_train, rt.device, cfg.train.eval_batch_size, cfg.data.workers)
+    if cfg.train.fit_budget and snap is None:
+        cfg = _fit_budget(cfg, model, tb, [vb, teb], augment, rt)
     if run_dir is None:
         run_dir = new_run_dir(cfg.train.project, cfg.train.name or default_run_name(cfg.model.name, bundle.name))
     meta = {"model": {"name": cfg.model.name, "num_classes": len(bundle.class_names),
@@ -174,11 +182,6 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
          f"{bundle.channels}x{bundle.image_size[0]}x{bundle.image_size[1]}) on {rt.describe()} -> {run_dir}")
     if bundle.rejected:
         _say(f"  {len(bundle.rejected)} files rejected (listed in {run_dir / 'report.md'})")
-    augment = Augmenter(cfg.aug, mean, std, len(bundle.class_names), bundle.image_size, seed=cfg.train.seed)
-    tb = make_batches(bundle, "train", rt.device, cfg.train.batch_size, train=True, workers=cfg.data.workers)
-    vb = (make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers)
-          if len(bundle.splits["val"].labels) else None)     # data.val_fraction=0: no validation
-    teb = train_eval_batches(bundle, cfg.train.eval_train, rt.device, cfg.train.eval_batch_size, cfg.data.workers)
     result = fit(model, tb, vb, augment, rt, cfg.optim, cfg.train, checkpointer=_checkpointer(run_dir, meta),
                  resume=snap, metrics_log=MetricsLog(run_dir / "metrics.csv"), train_eval_batches=teb)
     results = evaluate_bundle(result.model, bundle, augment, rt, cfg.eval.splits, cfg.eval.tta,
@@ -186,6 +189,14 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     if is_main_process():
         _finish_run(run_dir, meta, results, bundle, result, cfg)
     return TrainRun(run_dir, cfg, result.model, meta, results, result.train_seconds)
+
+
+def _fit_budget(cfg: RunConfig, model: nn.Module, tb, eval_batches: list, augment: Augmenter, rt: Runtime):
+    """The config with train.epochs replaced by what fits train.max_seconds (training/budget.py)."""
+    plan = plan_epochs(cfg.train.max_seconds, model, tb, eval_batches, augment, rt, cfg.optim, cfg.train,
+                       soft_cross_entropy(cfg.optim.label_smoothing))
+    _say(plan.describe(cfg.train.max_seconds) + f" (the recipe said {cfg.train.epochs})")
+    return replace(cfg, train=replace(cfg.train, epochs=plan.epochs))
 
 
 def _write_run_files(run_dir: Path, cfg: RunConfig, manifest: dict, bundle) -> None:
@@ -226,6 +237,13 @@ def degradation(depths=(20, 56), seeds=(0,), **kwargs) -> dict:
     resforge.experiments.degradation.run_degradation for the arguments and outputs."""
     from resforge.experiments.degradation import run_degradation   # it imports this module
     return run_degradation(depths, seeds, **kwargs)
+
+
+def degradation_report(depths=(20, 56), seeds=(0,), **kwargs) -> dict:
+    """Redraw the degradation experiment's figures and table from its runs as they stand, training
+    nothing (unfinished runs drawn up to their last epoch); see report_degradation."""
+    from resforge.experiments.degradation import report_degradation
+    return report_degradation(depths, seeds, **kwargs)
 
 
 # ---------------------------------------------------------------- evaluate

@@ -11,13 +11,14 @@
     resforge recipes
     resforge finetune --from RUN_OR_WEIGHTS --data SRC [--policy POLICY] [--recipe R] [key=value ...]
     resforge lr-find [--from RUN_OR_WEIGHTS] [--data SRC] [--policy POLICY] [key=value ...]
-    resforge experiment degradation [--depths 20,56] [--epochs N] [--seeds S] [key=value ...]
+    resforge experiment degradation [--depths 20,56] [--epochs N] [--seeds S] [--jobs N] [--report] [key=value ...]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from resforge import __version__
 
@@ -102,8 +103,14 @@ def _seeds(text: str) -> list[int]:
 def _degradation(a) -> int:
     from resforge import api
     overrides = ([f"data.data_root={a.data_root}"] if a.data_root else []) + a.overrides
-    api.degradation(depths=[int(d) for d in a.depths.split(",")], seeds=_seeds(a.seeds), recipe=a.recipe,
-                    epochs=a.epochs, overrides=overrides, name=a.name, project=a.project, jobs=a.jobs)
+    where = dict(depths=[int(d) for d in a.depths.split(",")], seeds=_seeds(a.seeds), recipe=a.recipe,
+                 epochs=a.epochs, overrides=overrides, name=a.name, project=a.project)
+    if a.report:
+        summary = api.degradation_report(**where)
+    else:
+        summary = api.degradation(**where, jobs=a.jobs)
+    out = Path(a.project) / summary["experiment"]
+    print(f"degradation: wrote {out}/degradation.png, degradation.md, grad_norms.png", flush=True)
     return 0
 
 
@@ -123,6 +130,9 @@ def _add_experiment(sub) -> None:
     g.add_argument("--data-root", default=None, help="folder holding cifar-10-binary.tar.xz (or RESFORGE_DATA)")
     g.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, each with cores/jobs threads (2 on a 2-core CPU: ~1.25x the throughput)")
+    g.add_argument("--report", action="store_true",
+                   help="train nothing: redraw the figure and table from the runs as they stand (unfinished runs "
+                        "up to their last epoch), e.g. while another process trains them")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     g.set_defaults(fn=_degradation)
 

@@ -95,6 +95,8 @@ class TrainConfig:
     lookahead_every: int | None = None  # lookahead: pull the weights to a slow copy every k steps; None = off
     lookahead_alpha: float = 0.7738   # its final decay, ramped as alpha * (step/total)^3 (airbench: 0.95**5)
     max_seconds: float | None = None  # time budget: stop after the epoch nearest to it; None = off
+    fit_budget: bool = False          # with max_seconds: set epochs to what fits it (timed before training),
+                                      # so the lr schedule runs to its end inside the budget
     val_every: int = 1                # validate every k epochs (and at the last)
     patience: int | None = None       # early stopping on `monitor`; None = off
     monitor: str = "val_acc"          # val_acc | val_loss
@@ -348,6 +350,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.lookahead_every must be at least 1 (or null: off)")
     if not 0 <= cfg.train.lookahead_alpha <= 1:
         raise ConfigError(f"train.lookahead_alpha={cfg.train.lookahead_alpha}: must be in [0, 1]")
+    if cfg.train.fit_budget and not cfg.train.max_seconds:
+        raise ConfigError("train.fit_budget=true sizes the schedule to train.max_seconds: set it too "
+                          "(e.g. train.max_seconds=2400 for 40 minutes)")
+    if cfg.train.max_seconds is not None and cfg.train.max_seconds <= 0:
+        raise ConfigError(f"train.max_seconds={cfg.train.max_seconds}: a positive number of seconds (or null: off)")
     for key in ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.val_every"):
         s, n = key.split(".")
         if getattr(getattr(cfg, s), n) < 1:

@@ -212,10 +212,29 @@ def run_degradation(depths=(20, 56), seeds=(0,), *, recipe: str = DEFAULT_RECIPE
         _join(helpers)
     finally:
         torch.set_num_threads(threads)
-    unfinished = [s.folder for s in specs if run_state(exp_dir / s.folder) != "finished"]
+    return _report(exp_dir, depths, seeds, twins, settings)
+
+
+def report_degradation(depths=(20, 56), seeds=(0,), *, recipe: str = DEFAULT_RECIPE, epochs: int | None = None,
+                       overrides=(), name: str | None = None, project: str | Path = "runs") -> dict:
+    """Write the figures and the table from the runs as they stand, training nothing: finished
+    runs fill the table, unfinished ones are drawn up to their last epoch and listed as in progress
+    (a multi-hour experiment can be looked at while it trains). Same arguments as run_degradation."""
+    depths, seeds = sorted({int(d) for d in depths}), list(dict.fromkeys(int(s) for s in seeds))
+    exp_dir = experiment_dir(project, name or Path(recipe).stem)
+    if not (exp_dir / "experiment.json").is_file():
+        raise FileNotFoundError(f"{exp_dir} holds no experiment (no experiment.json): run it first, or pass the "
+                                "--project/--name/--recipe it was started with")
+    settings = {"recipe": recipe, "epochs": epochs, "overrides": list(overrides)}
+    _check_settings(exp_dir, settings)
+    return _report(exp_dir, depths, seeds, [twin_check(d) for d in depths], settings)
+
+
+def _report(exp_dir: Path, depths, seeds, twins, settings) -> dict:
+    unfinished = [s.folder for s in run_specs(depths, seeds) if run_state(exp_dir / s.folder) != "finished"]
     if unfinished:
-        print(f"degradation: {', '.join(unfinished)} not finished (another process may be training them); the "
-              "figure and table cover the finished runs only: rerun the same command when they are", flush=True)
+        print(f"degradation: {', '.join(unfinished)} not finished; the table covers the finished runs, the figure "
+              "draws the others up to their last epoch: rerun the same command to finish them", flush=True)
     summary = summarise(exp_dir, depths, seeds, twins, settings)
     write_outputs(exp_dir, summary)
     return summary
@@ -264,20 +283,29 @@ def _join(procs: list) -> None:
 
 # ---------------------------------------------------------------- results
 
-def load_run(run_dir: Path, spec: RunSpec) -> dict:
-    """Curves (error in %, per epoch) and final errors of one finished run."""
-    cols = read_metrics_csv(run_dir / "metrics.csv")
-    report = json.loads((run_dir / "report.json").read_text())
+def load_run(run_dir: Path, spec: RunSpec) -> dict | None:
+    """Curves (error in %, per epoch) and final errors of one run; an unfinished run has its
+    curves so far and no final errors (None when it has no finished epoch yet)."""
+    metrics = run_dir / "metrics.csv"
+    cols = read_metrics_csv(metrics) if metrics.is_file() else {}
+    if not len(cols.get("epoch", ())):
+        return None
+    done = (run_dir / "report.json").is_file()
+    report = json.loads((run_dir / "report.json").read_text()) if done else {}
     source = "train_eval_acc" if "train_eval_acc" in cols else "train_acc"
     err = lambda acc: np.round(100 * (1 - acc), 3)            # noqa: E731
     curves = {"epoch": cols["epoch"].astype(int).tolist(), "train_error": err(cols[source]).tolist(),
               "val_error": err(cols["val_acc"]).tolist() if "val_acc" in cols else []}
     grads = {k.removeprefix("grad_norm_"): v.tolist() for k, v in cols.items() if k.startswith("grad_norm_")}
     final = {s: round(100 * (1 - report[s]["top1"]), 3) for s in ("val", "test") if s in report}
-    return {**asdict(spec), "model": spec.model, "train_error": curves["train_error"][-1],
+    cfg = json.loads((run_dir / "config.json").read_text())
+    data = {k: v for k, v in report.get("data", {}).items() if k in ("source", "splits")} if done else \
+        {"source": str(cfg["data"]["source"])}           # what the config names, until the report says more
+    return {**asdict(spec), "model": spec.model, "finished": done, "train_error": curves["train_error"][-1],
             "train_error_source": source, "val_error": final.get("val"), "test_error": final.get("test"),
+            "last_val_error": curves["val_error"][-1] if curves["val_error"] else None,
             "train_seconds": report.get("train_seconds"), "epochs": len(curves["epoch"]),
-            "data": {k: v for k, v in report.get("data", {}).items() if k in ("source", "splits")},
+            "planned_epochs": cfg["train"]["epochs"], "data": data,
             "curves": curves, "grad_norms": grads}
 
 
@@ -324,12 +352,15 @@ def findings(runs: list[dict], depths: list[int], seeds: list[int]) -> dict:
 
 
 def summarise(exp_dir: Path, depths, seeds, twins, settings) -> dict:
-    runs = [load_run(exp_dir / s.folder, s) for s in run_specs(depths, seeds)
-            if (exp_dir / s.folder / "report.json").is_file()]
-    data = runs[0]["data"] if runs else {}
+    """Finished runs make the table and the finding; every run with a finished epoch is drawn."""
+    runs = [r for s in run_specs(depths, seeds) if (r := load_run(exp_dir / s.folder, s)) is not None]
+    done = [r for r in runs if r["finished"]]
+    data = (done or runs)[0]["data"] if runs else {}
     return {"experiment": exp_dir.name, "settings": settings, "data": data,
             "depths": list(depths), "seeds": list(seeds),
-            "twins": twins, "table": aggregate(runs, twins), "findings": findings(runs, depths, seeds),
+            "twins": twins, "table": aggregate(done, twins), "findings": findings(done, depths, seeds),
+            "in_progress": [{k: r[k] for k in ("family", "depth", "seed", "epochs", "planned_epochs", "train_error",
+                                               "last_val_error")} for r in runs if not r["finished"]],
             "runs": runs}
 
 
@@ -355,7 +386,7 @@ def _label(fam: str, depth: int) -> str:
 
 def render_table(summary: dict) -> str:
     """degradation.md: the final-error table and the finding, per seed."""
-    s, f = summary["settings"], summary["findings"]
+    s, f = _comparable(summary["settings"]), summary["findings"]
     lines = [f"# Degradation: plain vs residual ({summary['experiment']})", "",
              f"Recipe `{s['recipe']}`" + (f", {s['epochs']} epochs" if s["epochs"] else "")
              + (f", overrides `{' '.join(s['overrides'])}`" if s["overrides"] else "")
@@ -371,9 +402,12 @@ def render_table(summary: dict) -> str:
     lines += ["", f"Data: {summary['data'].get('source', '?')} ({', '.join(f'{v} {k}' for k, v in n.items())}). "
               "Train error: the final weights on a fixed, un-augmented subset of the training split (eval mode). "
               "Val: the held-out validation split (never used to select weights). Test: the test split, "
-              "single view, final weights.", ""]
+              "single view, final weights. Train time: wall-clock minutes (with `--jobs` the runs shared the CPU).", ""]
     lines += [_finding_line(seed, v, f["shallow"], f["deep"]) for seed, v in f["per_seed"].items()]
-    verdict = "reproduced for every seed" if f["reproduced_every_seed"] else "NOT reproduced for every seed"
+    lines += _progress_lines(summary.get("in_progress", []))
+    verdict = ("reproduced for every seed" if f["reproduced_every_seed"] else
+               "NOT reproduced for every seed" if all(v["complete"] for v in f["per_seed"].values()) else
+               "not decided yet (runs unfinished)")
     return "\n".join(lines + ["", f"**Finding: {verdict}.**", ""])
 
 
@@ -383,3 +417,15 @@ def _finding_line(seed: str, v: dict, lo: int, hi: int) -> str:
     yes = lambda b: "yes" if b else "NO"                      # noqa: E731
     return (f"- seed {seed}: plain-{hi} trains worse than plain-{lo}: {yes(v['plain_degrades'])}; "
             f"ResNet-{hi} trains better than ResNet-{lo}: {yes(v['resnet_improves'])}")
+
+
+def _progress_lines(runs: list[dict]) -> list[str]:
+    if not runs:
+        return []
+    out = ["", "In progress (drawn in the figure up to their last epoch, not in the table):"]
+    for r in runs:
+        val = f", val error {r['last_val_error']:.2f}" if r["last_val_error"] is not None else ""
+        out.append(f"- {_label(r['family'], r['depth'])} seed "
+                   f"{r['seed']}: epoch {r['epochs']} of {r['planned_epochs']}, training error {r['train_error']:.2f}"
+                   f"{val}")
+    return out

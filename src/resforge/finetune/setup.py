@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from resforge.config import RunConfig, load_config
+from resforge.config import ConfigError, RunConfig, load_config
 from resforge.data.augment import Augmenter
 from resforge.data.loader import TensorBatches, make_batches
 from resforge.finetune import policies as P
@@ -60,6 +60,10 @@ def resolve_config(recipe=None, overrides=None, *, data=None, policy=None, sourc
         cfg.finetune.policy = policy
     if source is not None:
         cfg.model.pretrained = str(source)
+    if cfg.train.fit_budget:
+        raise ConfigError("train.fit_budget sizes one training schedule to train.max_seconds; a fine-tuning "
+                          "policy runs several phases: set train.epochs (train.max_seconds alone still stops a "
+                          "phase at the budget)")
     return cfg
 
 
