@@ -223,3 +223,14 @@ def test_fit_budget_needs_a_budget_and_is_refused_by_finetune():
         load_config("digits", ["train.fit_budget=true"])
     with pytest.raises(ConfigError, match="fine-tuning"):
         resolve_config("finetune", ["train.max_seconds=60", "train.fit_budget=true"])
+
+
+def test_budget_epochs_agree_across_distributed_ranks(tmp_path):
+    import torch.distributed as dist
+    from resforge.training.budget import _agree
+    assert _agree(7, torch.device("cpu")) == 7                 # not distributed: unchanged
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        assert _agree(5, torch.device("cpu")) == 5              # the min over the (one) rank
+    finally:
+        dist.destroy_process_group()

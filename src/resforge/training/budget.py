@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from resforge.config import OptimConfig, TrainConfig
@@ -50,13 +51,24 @@ def plan_epochs(budget: float, model: nn.Module, train_batches, eval_batches: li
     every train_cfg.val_every epochs (None entries are skipped). Leaves the model, the RNG
     streams and the batches as they were."""
     probe = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
+    cuda = [rt.device.index or 0] if rt.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         step_s = _time_steps(probe, train_batches, augment, rt, optim_cfg, train_cfg.seed, loss_fn, steps, warmup)
         per_image = _time_eval(probe, [b for b in eval_batches if b is not None], augment, rt)
     images = sum(_images(b) for b in eval_batches if b is not None)
     eval_s = images * per_image / train_cfg.val_every
     epoch_s = len(train_batches) * step_s + eval_s
-    return BudgetPlan(max(1, math.floor(MARGIN * budget / epoch_s)), step_s, eval_s, epoch_s)
+    epochs = _agree(max(1, math.floor(MARGIN * budget / epoch_s)), rt.device)
+    return BudgetPlan(epochs, step_s, eval_s, epoch_s)
+
+
+def _agree(epochs: int, device: torch.device) -> int:
+    """Under torch.distributed every rank must run the same schedule: the slowest rank's count."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return epochs
+    t = torch.tensor([epochs], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def _time_steps(model: nn.Module, batches, augment: Augmenter, rt: Runtime, optim_cfg: OptimConfig, seed: int,
