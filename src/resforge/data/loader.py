@@ -47,6 +47,10 @@ class TensorBatches:
     def __len__(self) -> int:
         return _num_batches(len(self.labels), self.batch_size, self.drop_last)
 
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
     def batches(self, g: torch.Generator | None = None):
         if self.weights is not None and self.shuffle:
             order = torch.multinomial(self.weights, len(self.labels), replacement=True, generator=g)
@@ -66,6 +70,10 @@ class StreamBatches:
 
     def __len__(self) -> int:
         return _num_batches(len(self.dataset), self.batch_size, self.drop_last)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.dataset)
 
     def batches(self, g: torch.Generator | None = None):
         order = _order(len(self.dataset), self.shuffle, g, "cpu") if self.shuffle else None

@@ -46,8 +46,8 @@ def _error_panel(ax, summary: dict, family: str, colours: dict) -> float:
             continue
         c, label = colours[depth], f"{'plain' if family == 'plain' else 'ResNet'}-{depth}"
         x, tr = _mean_curve(runs, "train_error")
-        if not all(r.get("finished", True) for r in runs):         # drawn while still training
-            label += f" (epoch {len(x)} of {max(r.get('planned_epochs', len(x)) for r in runs)})"
+        if not all(r["finished"] for r in runs):                   # drawn while still training
+            label += f" (epoch {len(x)} of {max(r['planned_epochs'] for r in runs)})"
         ax.plot(x, tr, "--", color=c, lw=1.3)
         x2, va = _mean_curve(runs, "val_error")
         ax.plot(x2, va, "-", color=c, lw=2.0, label=label)

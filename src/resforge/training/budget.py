@@ -26,9 +26,12 @@ from resforge.config import OptimConfig, TrainConfig
 from resforge.data.augment import Augmenter
 from resforge.data.loader import epoch_generator
 from resforge.training.device import Runtime
+from resforge.training.loop import FitState, Updater, forward_loss
 from resforge.training.optim import build_optimizer, param_groups
+from resforge.training.probes import GradNormMeter
 
 MARGIN = 0.95          # checkpoint writes, first-epoch warm-up, a noisy CPU
+WARMUP, STEPS = 2, 6   # untimed, then timed training steps
 
 
 @dataclass
@@ -45,18 +48,17 @@ class BudgetPlan:
 
 
 def plan_epochs(budget: float, model: nn.Module, train_batches, eval_batches: list, augment: Augmenter,
-                rt: Runtime, optim_cfg: OptimConfig, train_cfg: TrainConfig, loss_fn: Callable,
-                steps: int = 6, warmup: int = 2) -> BudgetPlan:
+                rt: Runtime, optim_cfg: OptimConfig, train_cfg: TrainConfig, loss_fn: Callable) -> BudgetPlan:
     """How many epochs of this run fit in `budget` seconds. eval_batches: the splits evaluated
     every train_cfg.val_every epochs (None entries are skipped). Leaves the model, the RNG
     streams and the batches as they were."""
     probe = copy.deepcopy(model)
+    evals = [b for b in eval_batches if b is not None]
     cuda = [rt.device.index or 0] if rt.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        step_s = _time_steps(probe, train_batches, augment, rt, optim_cfg, train_cfg.seed, loss_fn, steps, warmup)
-        per_image = _time_eval(probe, [b for b in eval_batches if b is not None], augment, rt)
-    images = sum(_images(b) for b in eval_batches if b is not None)
-    eval_s = images * per_image / train_cfg.val_every
+        step_s = _time_steps(probe, train_batches, augment, rt, optim_cfg, train_cfg, loss_fn)
+        per_image = _time_eval(probe, evals, augment, rt)
+    eval_s = sum(b.num_images for b in evals) * per_image / train_cfg.val_every
     epoch_s = len(train_batches) * step_s + eval_s
     epochs = _agree(max(1, math.floor(MARGIN * budget / epoch_s)), rt.device)
     return BudgetPlan(epochs, step_s, eval_s, epoch_s)
@@ -71,22 +73,20 @@ def _agree(epochs: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def _time_steps(model: nn.Module, batches, augment: Augmenter, rt: Runtime, optim_cfg: OptimConfig, seed: int,
-                loss_fn: Callable, steps: int, warmup: int) -> float:
-    """Median seconds of one training step (batch fetch + augmentation + forward/backward + update)."""
+def _time_steps(model: nn.Module, batches, augment: Augmenter, rt: Runtime, optim_cfg: OptimConfig,
+                train_cfg: TrainConfig, loss_fn: Callable) -> float:
+    """Median seconds of one training step (batch fetch + augmentation + forward/backward + update,
+    with the run's clipping and gradient-norm probes), after WARMUP untimed steps."""
     opt = build_optimizer(param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_norm_bias, None), optim_cfg)
+    updater = Updater(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), clip_grad=optim_cfg.clip_grad,
+                      grad_meter=GradNormMeter(model) if train_cfg.grad_norms else None)
     model.train()
-    g = epoch_generator(seed, 0, rt.device)
+    g = epoch_generator(train_cfg.seed, 0, rt.device)
     it = iter(batches.batches(g))
-    times = []
+    times, state = [], FitState()
     t = time.perf_counter()
-    for x_u8, y, idx in itertools.islice(it, warmup + steps):
-        x, target = augment(x_u8, y, idx, 0, g)
-        with rt.autocast():
-            loss = loss_fn(model(rt.to_input(x)), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    for batch in itertools.islice(it, WARMUP + STEPS):
+        updater.step(model, forward_loss(model, batch, augment, rt, loss_fn, 0, g)[2], state)
         _sync(rt)
         now = time.perf_counter()
         times.append(now - t)
@@ -95,7 +95,7 @@ def _time_steps(model: nn.Module, batches, augment: Augmenter, rt: Runtime, opti
         it.close()                                  # stops a streaming loader's workers
     if not times:
         raise ValueError("the training split produced no batch: it is empty or smaller than one batch")
-    timed = times[warmup:] or times
+    timed = times[WARMUP:] or times
     return float(sorted(timed)[len(timed) // 2])
 
 
@@ -118,10 +118,6 @@ def _time_eval(model: nn.Module, splits: list, augment: Augmenter, rt: Runtime, 
         it.close()
     timed = timed[1:] or timed
     return sum(s for _, s in timed) / max(1, sum(n for n, _ in timed))
-
-
-def _images(batches) -> int:
-    return len(batches.labels) if hasattr(batches, "labels") else len(batches.dataset)
 
 
 def _sync(rt: Runtime) -> None:

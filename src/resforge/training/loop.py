@@ -82,6 +82,17 @@ class Updater:
             self.ema.update(model, state.step)
 
 
+def forward_loss(model: nn.Module, batch, augment: Augmenter, rt: Runtime, loss_fn: Callable, epoch: int,
+                 g: torch.Generator):
+    """uint8 batch -> (logits (B, K), target (B,) or (B, K), loss): augmentation on the device,
+    forward under the run's precision, loss in fp32."""
+    x_u8, y, idx = batch
+    x, target = augment(x_u8, y, idx, epoch, g)
+    with rt.autocast():
+        logits = model(rt.to_input(x))
+    return logits, target, loss_fn(logits, target)
+
+
 def train_one_epoch(model: nn.Module, batches, augment: Augmenter, updater: Updater, rt: Runtime,
                     loss_fn: Callable, *, epoch: int, seed: int, state: FitState,
                     progress: bool = True, desc: str = "") -> dict:
@@ -95,10 +106,7 @@ def train_one_epoch(model: nn.Module, batches, augment: Augmenter, updater: Upda
     bar = tqdm(batches.batches(g), total=len(batches), desc=desc, leave=False,
                disable=not (progress and is_main_process()), dynamic_ncols=True)
     for i, (x_u8, y, idx) in enumerate(bar):
-        x, target = augment(x_u8, y, idx, epoch, g)
-        with rt.autocast():
-            logits = model(rt.to_input(x))
-        loss = loss_fn(logits, target)
+        logits, target, loss = forward_loss(model, (x_u8, y, idx), augment, rt, loss_fn, epoch, g)
         updater.step(model, loss, state)
         # Accumulate on device: no host sync per step (it would stall a GPU pipeline).
         hard = target if target.ndim == 1 else target.argmax(1)
