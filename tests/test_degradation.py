@@ -10,6 +10,7 @@ import resforge.api
 from resforge.cli import _seeds, main
 from resforge.config import OptimConfig, load_config
 from resforge.experiments import degradation as dg
+from resforge.experiments import degradation_results as dgr
 from resforge.models import create_model
 from resforge.plots import read_metrics_csv
 from resforge.training.optim import lr_factor
@@ -202,10 +203,10 @@ def test_run_state_tells_finished_started_and_stub_folders_apart(tmp_path):
 def test_findings_compare_shallowest_and_deepest_per_seed():
     runs = [{"family": f, "depth": d, "seed": 0, "train_error": e}
             for f, d, e in (("plain", 20, 5.0), ("plain", 56, 9.0), ("resnet", 20, 6.0), ("resnet", 56, 3.0))]
-    f = dg.findings(runs, [20, 56], [0])
+    f = dgr.findings(runs, [20, 56], [0])
     assert f["per_seed"]["0"] == {"plain_degrades": True, "resnet_improves": True, "complete": True}
     assert f["reproduced_every_seed"]
-    assert not dg.findings(runs, [20, 56], [0, 1])["reproduced_every_seed"]       # seed 1 missing
+    assert not dgr.findings(runs, [20, 56], [0, 1])["reproduced_every_seed"]       # seed 1 missing
 
 
 # ---------------------------------------------------------------- pieces
