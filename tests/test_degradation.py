@@ -211,6 +211,13 @@ def test_findings_compare_shallowest_and_deepest_per_seed():
 
 # ---------------------------------------------------------------- pieces
 
+def test_train_time_is_shown_only_when_it_covers_the_whole_run():
+    whole = {"train_seconds": 90.0, "timed_epochs": 15, "epochs_run": 15}
+    assert dgr._whole_run_seconds(whole) == 90.0
+    assert dgr._whole_run_seconds({**whole, "timed_epochs": 2}) is None          # resumed from an untimed state
+    assert dgr._whole_run_seconds({"train_seconds": 90.0, "epochs_run": 15}) is None   # report from before
+
+
 def test_seeds_argument():
     assert _seeds("3") == [0, 1, 2] and _seeds("0,4") == [0, 4] and _seeds("5,") == [5]
 

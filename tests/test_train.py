@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import resforge
-from resforge.checkpoint import load_for_inference, read_meta, save_checkpoint
+from resforge.checkpoint import load_for_inference, load_state, read_meta, save_checkpoint
 from resforge.config import OptimConfig
 from resforge.plots import read_metrics_csv
 from resforge.training.optim import lr_factor
@@ -128,8 +128,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     victim.wait()
     rows_at_kill = len(metrics.read_text().strip().splitlines()) - 1
     assert 2 <= rows_at_kill < 5
+    before = load_state(tmp_path / "killed" / "weights" / "last.state.pt")["fit_state"]
+    assert before["timed_epochs"] == before["epoch"] >= 2 and before["seconds"] > 0
     resumed = _cli(["train", "--resume", str(tmp_path / "killed")], env)
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    report = json.loads((tmp_path / "killed" / "report.json").read_text())   # the clock spans both sessions
+    assert report["timed_epochs"] == report["epochs_run"] == 5 and report["train_seconds"] > before["seconds"]
     assert (tmp_path / "killed" / "metrics.csv").read_text() == (tmp_path / "full" / "metrics.csv").read_text()
     for tag in ("last", "best"):
         a = load_file(str(tmp_path / "full" / "weights" / f"{tag}.safetensors"))

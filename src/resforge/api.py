@@ -207,6 +207,7 @@ def _write_run_files(run_dir: Path, cfg: RunConfig, manifest: dict, bundle) -> N
 
 def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cfg: RunConfig) -> None:
     extra = {"rejected": list(bundle.rejected), "train_seconds": round(fit_result.train_seconds, 2),
+             "timed_epochs": fit_result.state.timed_epochs,     # < epochs_run: resumed from an untimed state
              "best_epoch": fit_result.state.best_epoch, "epochs_run": fit_result.state.epoch,
              "split_hash": meta["split_hash"], "data": {**meta["data"], "splits": _split_counts(bundle)},
              "ignored_files": bundle.extra.get("ignored", 0)}

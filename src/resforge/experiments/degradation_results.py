@@ -49,9 +49,16 @@ def load_run(run_dir: Path, spec) -> dict | None:
     return {**asdict(spec), "model": spec.model, "finished": done, "train_error": curves["train_error"][-1],
             "train_error_source": source, "val_error": final.get("val"), "test_error": final.get("test"),
             "last_val_error": curves["val_error"][-1] if curves["val_error"] else None,
-            "train_seconds": report.get("train_seconds"), "epochs": len(curves["epoch"]),
+            "train_seconds": _whole_run_seconds(report), "epochs": len(curves["epoch"]),
             "planned_epochs": cfg["train"]["epochs"], "data": data,
             "curves": curves, "grad_norms": grads}
+
+
+def _whole_run_seconds(report: dict) -> float | None:
+    """Training wall seconds of the whole run; None when they cover only its last session (a run
+    resumed from a state saved before resforge timed across resumes)."""
+    whole = report.get("timed_epochs") is not None and report["timed_epochs"] == report.get("epochs_run")
+    return report.get("train_seconds") if whole else None
 
 
 def _stats(values: list[float]) -> dict:
@@ -148,7 +155,8 @@ def render_table(summary: dict) -> str:
     lines += ["", f"Data: {summary['data'].get('source', '?')} ({', '.join(f'{v} {k}' for k, v in n.items())}). "
               "Train error: the final weights on a fixed, un-augmented subset of the training split (eval mode). "
               "Val: the held-out validation split (never used to select weights). Test: the test split, "
-              "single view, final weights. Train time: wall-clock minutes (with `--jobs` the runs shared the CPU).", ""]
+              "single view, final weights. Train time: wall-clock minutes over the whole run, resumed sessions "
+              "included (with `--jobs` the runs shared the CPU; – where it is not known).", ""]
     lines += [_finding_line(seed, v, f["shallow"], f["deep"]) for seed, v in f["per_seed"].items()]
     lines += _progress_lines(summary.get("in_progress", []))
     verdict = ("reproduced for every seed" if f["reproduced_every_seed"] else

@@ -37,6 +37,8 @@ class FitState:
     best_epoch: int = 0
     bad_rounds: int = 0                # validations since the best (early stopping)
     history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0               # wall seconds of training so far, over all resumed sessions
+    timed_epochs: int = 0              # epochs those seconds cover (fewer: resumed from a state without them)
 
 
 def soft_cross_entropy(label_smoothing: float, weight: torch.Tensor | None = None) -> Callable:
@@ -158,7 +160,7 @@ def _improved(cfg: TrainConfig, value: float, best: float | None) -> bool:
 class FitResult:
     model: nn.Module                   # the weights to use (EMA if enabled; best if restored)
     state: FitState
-    train_seconds: float
+    train_seconds: float               # over the whole run, resumed sessions included (state.timed_epochs)
 
 
 def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Runtime,
@@ -189,12 +191,15 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
                       GradNormMeter(model) if train_cfg.grad_norms else None, ema)
     if lookahead is not None:
         lookahead.attach(opt, model)           # syncs after every optimiser step
-    t_start, first_epoch = time.perf_counter(), state.epoch
+    t_start, first_epoch, seconds_before, timed_before = time.perf_counter(), state.epoch, state.seconds, \
+        state.timed_epochs
     for epoch in range(state.epoch, train_cfg.epochs):
         stats = train_one_epoch(step_model, train_batches, augment, updater, rt, loss_fn,
                                 epoch=epoch, seed=train_cfg.seed, state=state, progress=train_cfg.progress,
                                 desc=f"{desc}epoch {epoch + 1}/{train_cfg.epochs}")
-        out_of_time = _out_of_time(train_cfg.max_seconds, time.perf_counter() - t_start, epoch + 1 - first_epoch)
+        # a resumed run keeps its clock: max_seconds is a budget for the whole run
+        elapsed = seconds_before + time.perf_counter() - t_start
+        out_of_time = _out_of_time(train_cfg.max_seconds, elapsed, timed_before + epoch + 1 - first_epoch)
         if lookahead is not None and (out_of_time or epoch + 1 == train_cfg.epochs):
             lookahead.finish(model)            # the model evaluated and saved is the slow one
         eval_model = ema.module if ema is not None else model
@@ -217,7 +222,8 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
             else:
                 state.bad_rounds += 1
                 stop = train_cfg.patience is not None and state.bad_rounds >= train_cfg.patience
-        state.epoch = epoch + 1
+        state.epoch, state.timed_epochs = epoch + 1, timed_before + epoch + 1 - first_epoch
+        state.seconds = seconds_before + time.perf_counter() - t_start
         state.history.append(row)
         if metrics_log is not None:
             metrics_log.append(row)
@@ -238,7 +244,7 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
     final = ema.module if ema is not None else model
     if train_cfg.restore_best and best_weights is not None:
         final.load_state_dict(best_weights)
-    return FitResult(final, state, time.perf_counter() - t_start)
+    return FitResult(final, state, state.seconds)
 
 
 def _finite(row: dict) -> bool:
