@@ -93,6 +93,7 @@ def test_runner_writes_runs_figures_and_table(experiment):
     assert json.loads((exp / "degradation.json").read_text())["findings"] == summary["findings"]
     md = (exp / "degradation.md").read_text()
     assert "| plain-32 | 32 |" in md and "| ResNet-20 | 20 |" in md and "8.75" in md
+    assert "train time (min) |" in md                        # fresh runs know their whole training time
 
 
 def _spy(monkeypatch):

@@ -143,26 +143,34 @@ def render_table(summary: dict) -> str:
     lines = [f"# Degradation: plain vs residual ({summary['experiment']})", "",
              f"Recipe `{s['recipe']}`" + (f", {s['epochs']} epochs" if s["epochs"] else "")
              + (f", overrides `{' '.join(s['overrides'])}`" if s["overrides"] else "")
-             + f"; seeds {', '.join(map(str, summary['seeds']))} (mean ± std over seeds). Errors in %.", "",
-             "| network | layers | params | train error | val error | test error | paper test error "
-             "| train time (min) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in summary["table"]:
-        paper = f"{r['paper_test_error']:.2f}" if r["paper_test_error"] else "–"
-        lines.append(f"| {_label(r['family'], r['depth'])} | {r['layers']} | {r['params'] / 1e6:.2f}M | "
-                     f"{_cell(r['train_error'])} | {_cell(r['val_error'])} | {_cell(r['test_error'])} | {paper} | "
-                     f"{_cell(r['train_minutes'])} |")
+             + f"; seeds {', '.join(map(str, summary['seeds']))} (mean ± std over seeds). Errors in %.", ""]
+    timed = any(r["train_minutes"]["n"] for r in summary["table"])
+    lines += _table_rows(summary["table"], timed)
     n = summary["data"].get("splits", {})
     lines += ["", f"Data: {summary['data'].get('source', '?')} ({', '.join(f'{v} {k}' for k, v in n.items())}). "
               "Train error: the final weights on a fixed, un-augmented subset of the training split (eval mode). "
               "Val: the held-out validation split (never used to select weights). Test: the test split, "
-              "single view, final weights. Train time: wall-clock minutes over the whole run, resumed sessions "
-              "included (with `--jobs` the runs shared the CPU; – where it is not known).", ""]
+              "single view, final weights."
+              + (" Train time: wall-clock minutes over the whole run, resumed sessions included (with `--jobs` "
+                 "the runs shared the CPU; – where it is not known)." if timed else ""), ""]
     lines += [_finding_line(seed, v, f["shallow"], f["deep"]) for seed, v in f["per_seed"].items()]
     lines += _progress_lines(summary.get("in_progress", []))
     verdict = ("reproduced for every seed" if f["reproduced_every_seed"] else
                "NOT reproduced for every seed" if all(v["complete"] for v in f["per_seed"].values()) else
                "not decided yet (runs unfinished)")
     return "\n".join(lines + ["", f"**Finding: {verdict}.**", ""])
+
+
+def _table_rows(table: list[dict], timed: bool) -> list[str]:
+    """The markdown table; the time column only where some run knows its whole training time."""
+    head = "| network | layers | params | train error | val error | test error | paper test error |"
+    out = [head + (" train time (min) |" if timed else ""), "|---|" + "---:|" * (7 if timed else 6)]
+    for r in table:
+        paper = f"{r['paper_test_error']:.2f}" if r["paper_test_error"] else "–"
+        out.append(f"| {_label(r['family'], r['depth'])} | {r['layers']} | {r['params'] / 1e6:.2f}M | "
+                   f"{_cell(r['train_error'])} | {_cell(r['val_error'])} | {_cell(r['test_error'])} | {paper} |"
+                   + (f" {_cell(r['train_minutes'])} |" if timed else ""))
+    return out
 
 
 def _finding_line(seed: str, v: dict, lo: int, hi: int) -> str:
