@@ -87,6 +87,27 @@ def test_a_diverging_run_stops_and_keeps_only_finite_weights():
     assert not _improved(cfg, float("nan"), None) and not _improved(cfg, float("inf"), 1.0) and _improved(cfg, 0.5, 1.0)
 
 
+def test_time_budget_counts_the_sessions_before_a_resume():
+    import numpy as np
+    from resforge.config import TrainConfig, load_config
+    from resforge.data.augment import Augmenter
+    from resforge.data.loader import TensorBatches
+    from resforge.training.device import make_runtime
+    from resforge.training.loop import fit
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batches = TensorBatches(images.numpy(), np.arange(64) % 2, torch.device("cpu"), 16)
+    aug, rt = Augmenter(load_config("digits").aug, (0.5,) * 3, (0.25,) * 3, 2, (8, 8)), make_runtime("cpu", "fp32", False)
+    optim, saved = OptimConfig(lr=0.01, schedule="constant", warmup_epochs=0), {}
+    keep = lambda tag, model, state, row, resume=None: saved.update(resume=resume) if tag == "last" else None  # noqa: E731
+    fit(resforge.create_model("resnet20", num_classes=2), batches, batches, aug, rt, optim,
+        TrainConfig(epochs=1, progress=False), checkpointer=keep)
+    # pretend the first session took 1000 s: with a 1100 s budget the resumed run may add one epoch only
+    saved["resume"]["fit_state"] |= {"seconds": 1000.0, "timed_epochs": 1}
+    res = fit(resforge.create_model("resnet20", num_classes=2), batches, batches, aug, rt, optim,
+              TrainConfig(epochs=6, max_seconds=1100, progress=False), resume=saved["resume"])
+    assert res.state.epoch == 2 and res.state.timed_epochs == 2 and res.train_seconds > 1000
+
+
 def test_options_ema_mixup_dropout_adamw_run(tmp_path):
     run = _train(tmp_path, ["train.ema=0.9", "aug.mixup=0.2", "aug.cutmix=1.0", "model.drop_rate=0.2",
                             "optim.name=adamw", "optim.lr=0.003", "optim.schedule=cosine",
