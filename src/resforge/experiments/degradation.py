@@ -223,7 +223,7 @@ def _report(exp_dir: Path, depths, seeds, twins, settings) -> dict:
     if unfinished:
         print(f"degradation: {', '.join(unfinished)} not finished; the table covers the finished runs, the figure "
               "draws the others up to their last epoch: rerun the same command to finish them", flush=True)
-    summary = summarise(exp_dir, run_specs(depths, seeds), depths, seeds, twins, settings)
+    summary = summarise(exp_dir, run_specs(depths, seeds), twins, settings)
     write_outputs(exp_dir, summary)
     return summary
 

@@ -103,9 +103,10 @@ def findings(runs: list[dict], depths: list[int], seeds: list[int]) -> dict:
             "reproduced_every_seed": bool(ok) and all(ok) and len(ok) == len(seeds)}
 
 
-def summarise(exp_dir: Path, specs, depths, seeds, twins, settings) -> dict:
+def summarise(exp_dir: Path, specs, twins, settings) -> dict:
     """Finished runs make the table and the finding; every run with a finished epoch is drawn.
-    specs: the runs (degradation.RunSpec: family, depth, seed, model, folder)."""
+    specs: the experiment's runs (degradation.RunSpec: family, depth, seed, model, folder)."""
+    depths, seeds = sorted({s.depth for s in specs}), list(dict.fromkeys(s.seed for s in specs))
     runs = [r for s in specs if (r := load_run(exp_dir / s.folder, s)) is not None]
     done = [r for r in runs if r["finished"]]
     data = (done or runs)[0]["data"] if runs else {}

@@ -191,15 +191,13 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
                       GradNormMeter(model) if train_cfg.grad_norms else None, ema)
     if lookahead is not None:
         lookahead.attach(opt, model)           # syncs after every optimiser step
-    t_start, first_epoch, seconds_before, timed_before = time.perf_counter(), state.epoch, state.seconds, \
-        state.timed_epochs
+    t0 = time.perf_counter() - state.seconds   # a resumed run keeps its clock: max_seconds spans all sessions
     for epoch in range(state.epoch, train_cfg.epochs):
         stats = train_one_epoch(step_model, train_batches, augment, updater, rt, loss_fn,
                                 epoch=epoch, seed=train_cfg.seed, state=state, progress=train_cfg.progress,
                                 desc=f"{desc}epoch {epoch + 1}/{train_cfg.epochs}")
-        # a resumed run keeps its clock: max_seconds is a budget for the whole run
-        elapsed = seconds_before + time.perf_counter() - t_start
-        out_of_time = _out_of_time(train_cfg.max_seconds, elapsed, timed_before + epoch + 1 - first_epoch)
+        state.seconds, state.timed_epochs = time.perf_counter() - t0, state.timed_epochs + 1
+        out_of_time = _out_of_time(train_cfg.max_seconds, state.seconds, state.timed_epochs)
         if lookahead is not None and (out_of_time or epoch + 1 == train_cfg.epochs):
             lookahead.finish(model)            # the model evaluated and saved is the slow one
         eval_model = ema.module if ema is not None else model
@@ -222,8 +220,7 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
             else:
                 state.bad_rounds += 1
                 stop = train_cfg.patience is not None and state.bad_rounds >= train_cfg.patience
-        state.epoch, state.timed_epochs = epoch + 1, timed_before + epoch + 1 - first_epoch
-        state.seconds = seconds_before + time.perf_counter() - t_start
+        state.epoch, state.seconds = epoch + 1, time.perf_counter() - t0       # seconds: evaluation included
         state.history.append(row)
         if metrics_log is not None:
             metrics_log.append(row)
