@@ -36,11 +36,11 @@ def test_dataloader_with_workers(tree, tmp_cache):
     assert x[:5, 2].float().mean() > 250 and x[5:, 0].float().mean() > 250   # blue=0, red=1
 
 
-def test_unreadable_file_at_stream_time_names_it(tree, tmp_cache):
-    (tree / "red" / "9.png").write_bytes(b"")         # passes listing, fails when read
+def test_unreadable_file_is_rejected_at_load_not_in_a_worker(tree, tmp_cache):
+    (tree / "red" / "9.png").write_bytes(b"")         # passes listing, fails the load-time decode
     b = load_source(tree, stream=True, image_size=(8, 8), channels=1)
-    assert b.rejected == [] and len(b.splits["train"].files) == 11
+    assert [r["id"] for r in b.rejected] == ["red/9.png"] and len(b.splits["train"].files) == 10
     ds = FileImageDataset.from_split(b, "train")
-    with pytest.raises(ImageError, match="9.png"):
+    (tree / "red" / "0.png").write_bytes(b"")         # broken after the load: still names the file
+    with pytest.raises(ImageError, match="0.png"):
         list(DataLoader(ds, batch_size=4, num_workers=2))
-    assert load_source(tree, stream=True).rejected[0]["id"] == "red/9.png"   # probed when sizing
