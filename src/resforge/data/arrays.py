@@ -72,7 +72,7 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, O
 
 
 def _damaged(path, e: BaseException) -> ValueError:
-    return ValueError(f"{path}: damaged .npz file ({type(e).__name__}: {e}); re-create it with "
+    return ValueError(f"{path}: damaged or not an .npz file ({type(e).__name__}: {e}); re-create it with "
                       "np.savez / np.savez_compressed, or re-download it")
 
 
@@ -91,8 +91,7 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple, np.dtype]]:
                     shape, _, dtype = read(f)
                 out[info.filename[:-4]] = (tuple(int(d) for d in shape), dtype)
     except (*_ZIP_ERRORS, ValueError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e}); re-create it "
-                         "with np.savez / np.savez_compressed") from None
+        raise _damaged(path, e) from None
     return out
 
 
@@ -205,7 +204,7 @@ def _uint8_images(images: np.ndarray, what: str) -> np.ndarray:
     if images.dtype.kind == "f":
         nan = int(np.count_nonzero(~np.isfinite(images)))
         if nan:
-            first = int(np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).any(axis=1))[0])
+            first = int(np.flatnonzero((~np.isfinite(images.reshape(len(images), -1))).any(axis=1))[0])
             raise ValueError(f"{what} has {nan} NaN/infinite values (first in item {first}); "
                              f"images must be uint8 0..255 pixel values: fix or drop those items")
         lo, hi = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import os
 import re
 import tarfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +151,7 @@ def _members(path: Path):
                 base = m.name.rsplit("/", 1)[-1]
                 if m.isfile() and _MEMBER.match(base):
                     yield base, tf.extractfile(m).read()
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as e:
         raise ValueError(f"{path}: corrupt or unreadable archive ({e}); delete it and "
                          "download again") from None
 
