@@ -360,3 +360,18 @@ def test_truncated_cifar_archive_is_one_sentence(tmp_path, tmp_cache, suffix, mo
     with pytest.raises(ValueError, match="cut.tar") as e:
         load_source(cut)
     assert "re-download" in str(e.value) or "download again" in str(e.value)
+
+
+def test_truncated_cifar_python_batch_is_one_sentence(tmp_path, tmp_cache):
+    """Before: pickle's UnpicklingError escaped as a traceback."""
+    import pickle
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batch = pickle.dumps({"data": np.zeros((10, 3072), np.uint8), "labels": list(range(10))}, protocol=2)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(batch)
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list("abcdefghij")}, protocol=2))
+    assert load_source(folder).class_names[0] == "a"
+    (folder / "data_batch_3").write_bytes(batch[: len(batch) // 2])
+    with pytest.raises(ValueError, match="data_batch_3: not a readable pickle.*re-download"):
+        load_source(folder)
