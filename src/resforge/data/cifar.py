@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .safe_pickle import safe_load_pickle
+from .safe_pickle import UnsafePickleError, safe_load_pickle
 
 BASE_URL = "https://www.cs.toronto.edu/~kriz/"
 CIFAR_FILES = {  # variant -> (official archive name, MD5)
@@ -222,7 +222,9 @@ def _unpickle(blobs, path, member: str):
     """A truncated or refused pickle is a sentence naming the archive and member (ValueError)."""
     try:
         d = safe_load_pickle(io.BytesIO(_need(blobs, member, path)), name=f"{path}:{member}")
-    except pickle.UnpicklingError as e:  # UnsafePickleError included; its message names the global
+    except UnsafePickleError:
+        raise                            # a refusal, not damage: its message names the global
+    except pickle.UnpicklingError as e:
         raise ValueError(f"{e}; the file is damaged or not an official CIFAR file: re-download it") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: {member} holds a {type(d).__name__}, not a CIFAR batch dict; re-download it")
