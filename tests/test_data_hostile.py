@@ -39,7 +39,7 @@ def noise(path, seed=0, size=(8, 8), fmt=None):
 def two_classes(root):
     for c in ("a", "b"):
         for i in range(2):
-            noise(root / c / f"{i}.png", seed=10 * len(c) + i + (c == "b") * 5)
+            noise(root / c / f"{i}.png", seed=10 * ord(c) + i)
     return root
 
 
