@@ -64,4 +64,5 @@ def test_scan_of_a_folder_builds_no_tensor(tmp_path, tmp_cache, monkeypatch):
     shutil.copy(tmp_path / "ds/a/0.png", tmp_path / "ds/b/dup.png")
     report = scan(tmp_path / "ds", stream=False)                         # what the CLI passes
     assert report["duplicates"]["pixels"]["train"] == [["a/0.png", "b/dup.png"]]
-    assert report["counts"]["train"] == {"a": 3, "b": 4} and not tmp_cache.exists()
+    assert report["counts"]["train"] == {"a": 3, "b": 4}
+    assert not list(tmp_cache.rglob("*.u8"))                             # no tensor cached either

@@ -22,7 +22,20 @@ def test_streamed_bundle_has_files_not_images(tree, tmp_cache):
     sp = b.splits["train"]
     assert sp.images is None and len(sp.files) == 10 and sp.labels.tolist() == [0] * 5 + [1] * 5
     assert b.image_size == (12, 20) and b.channels == 3 and b.extra["fingerprint_kind"] == "metadata"
-    assert not tmp_cache.exists()                      # nothing decoded, nothing cached
+    assert not list(tmp_cache.rglob("*.u8"))           # no decoded tensor cached (only a memo)
+
+
+def test_decode_check_is_memoised_until_the_tree_changes(tree, tmp_cache, monkeypatch):
+    import resforge.data.folder as folder_mod
+    calls = []
+    real = folder_mod.verify_image
+    monkeypatch.setattr(folder_mod, "verify_image", lambda p: calls.append(p) or real(p))
+    first = load_source(tree, stream=True)
+    assert len(calls) == 10
+    assert load_source(tree, stream=True).rejected == first.rejected and len(calls) == 10
+    (tree / "red" / "4.png").write_bytes(b"broken")  # size changes: the listing key changes
+    assert [r["id"] for r in load_source(tree, stream=True).rejected] == ["red/4.png"]
+    assert len(calls) == 20
 
 
 def test_dataloader_with_workers(tree, tmp_cache):

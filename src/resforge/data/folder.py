@@ -128,15 +128,18 @@ def _rel(listing: dict, p: Path) -> str:
 
 # ---------------------------------------------------------------- probing
 
-def _probe_all(listing, pool, check=probe_image) -> tuple[list, list[dict]]:
+def _probe_all(listing, pool, check=probe_image, keep_errors=False) -> tuple[list, list[dict]]:
     """Per item: ((H, W), gray) or None; rejected entries for the None ones.
-    check: probe_image (header only) or verify_image (header + full decode, nothing kept)."""
+    check: probe_image (header only) or verify_image (header + full decode, nothing kept);
+    keep_errors: the ImageError itself instead of None."""
     def probe(item):
         try:
             return check(item[2])
         except ImageError as e:
             return e
     results = list(pool.map(probe, listing["items"]))
+    if keep_errors:
+        return results, []
     rejected = [_reject(listing, item, r.reason) for item, r in zip(listing["items"], results)
                 if isinstance(r, ImageError)]
     return [None if isinstance(r, ImageError) else r for r in results], rejected
@@ -265,7 +268,7 @@ def _parts(listing, kept, images, channels, size, rejected, settings) -> dict:
 # ---------------------------------------------------------------- streaming
 
 def stream_tree(listing: dict, settings: dict, workers: int | None = None,
-                limits: DataLimits | None = None) -> dict:
+                limits: DataLimits | None = None, checked: list | None = None) -> dict:
     """Like decode_tree but keeps file lists only; images are read later (stream.py).
 
     Every file is decoded once here and its pixels dropped (verify_image: JPEGs at 1/8 scale):
@@ -273,16 +276,23 @@ def stream_tree(listing: dict, settings: dict, workers: int | None = None,
     report, instead of killing a DataLoader worker mid-training. The fingerprint is over paths,
     sizes and mtimes (no content hash). A file that changes after this check still raises
     ImageError naming it when it is read.
+    checked: a memo of an earlier check of this exact listing (parts["checked"], JSON-able),
+    used instead of decoding again.
     """
     limits = limits or DataLimits.from_env()
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        probes, rejected = _probe_all(listing, pool, check=verify_image)
+    if checked is None or len(checked) != len(listing["items"]):
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            probes, _ = _probe_all(listing, pool, check=verify_image, keep_errors=True)
+        checked = [{"reason": p.reason} if isinstance(p, ImageError) else [*p[0], p[1]] for p in probes]
+    probes = [None if isinstance(c, dict) else ((c[0], c[1]), bool(c[2])) for c in checked]
+    rejected = _skipped_rejects(listing) + [_reject(listing, item, c["reason"]) for item, c in
+                                            zip(listing["items"], checked) if isinstance(c, dict)]
     channels, size = _choose_settings(probes, settings, listing["root"], limits)
     items = [it for it, p in zip(listing["items"], probes) if p is not None]
-    rejected = _skipped_rejects(listing) + rejected
     _check_class_dirs(listing, items, rejected)
     parts = _parts(listing, items, None, channels, size, rejected, settings)
     parts["extra"]["fingerprint_kind"] = "metadata"
     stats = [(_rel(listing, p), *_stat(p)) for _, _, p in listing["items"]]
     parts["fingerprint"] = settings_hash("folder-stream", stats, settings, channels, list(size))
+    parts["checked"] = checked
     return parts

@@ -144,8 +144,14 @@ def _content_hash(kind: str, path: Path | None, cache_dir) -> str:
 
 def _load_folder(path: Path, settings: dict, cache_dir, stream: bool, limits: DataLimits) -> DataBundle:
     listing = folder.list_tree(path)
-    if stream:
-        parts = folder.stream_tree(listing, settings, limits=limits)
+    if stream:  # every file was decode-checked once; the memo skips that for an unchanged tree
+        key = folder.listing_key(listing, {**settings, "version": SOURCE_VERSION, "kind": "checked"})
+        memo = cache.memo_get(cache_dir, key)
+        parts = folder.stream_tree(listing, settings, limits=limits,
+                                   checked=memo.get("checked") if memo else None)
+        if memo is None:
+            cache.memo_put(cache_dir, key, {"checked": parts["checked"]})
+        parts.pop("checked")
         check_classes(parts, str(path))
         return _bundle(parts, parts.pop("fingerprint"))
     key = folder.listing_key(listing, {**settings, "version": SOURCE_VERSION})
