@@ -227,7 +227,8 @@ def _unpickle(blobs, path, member: str):
     except pickle.UnpicklingError as e:
         raise ValueError(f"{e}; the file is damaged or not an official CIFAR file: re-download it") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: {member} holds a {type(d).__name__}, not a CIFAR batch dict; re-download it")
+        raise ValueError(f"{path}: {member} holds a {type(d).__name__}, not a CIFAR batch dict; "
+                         "re-download it")
     return d
 
 
