@@ -36,5 +36,10 @@ def not_regular_reason(path) -> str | None:
 def display_name(name) -> str:
     """A printable str for any file name: undecodable bytes (surrogate-escaped by os.fsdecode)
     become \\xNN, control characters their escapes, so every report writer can print it."""
-    text = os.fsencode(os.fspath(name)).decode("utf-8", "backslashreplace")
+    name = os.fspath(name)
+    try:
+        raw = os.fsencode(name)
+    except UnicodeEncodeError:  # a str with surrogates that no file system produced
+        raw = name.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
