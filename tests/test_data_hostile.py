@@ -375,3 +375,14 @@ def test_truncated_cifar_python_batch_is_one_sentence(tmp_path, tmp_cache):
     (folder / "data_batch_3").write_bytes(batch[: len(batch) // 2])
     with pytest.raises(ValueError, match="data_batch_3: not a readable pickle.*re-download"):
         load_source(folder)
+
+
+def test_too_many_class_folders_refused_before_reading(tmp_path, tmp_cache, monkeypatch):
+    import resforge.data.folder as folder_mod
+    root = two_classes(tmp_path / "ds")
+    noise(root / "c" / "0.png", 5)
+    for reader in ("probe_image", "verify_image"):
+        monkeypatch.setattr(folder_mod, reader, lambda *a: pytest.fail("a file was read"))
+    for stream in (False, True):
+        with pytest.raises(ValueError, match=r"\(one class per folder\) defines 3 classes.*max_classes=2"):
+            load_source(root, stream=stream, limits=DataLimits(max_classes=2))

@@ -12,7 +12,6 @@ Names in "rejected" are printable strings (display_name), whatever bytes the fil
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -174,6 +173,7 @@ def decode_tree(listing: dict, settings: dict, workers: int | None = None,
                 limits: DataLimits | None = None) -> dict:
     """Decode every image -> parts dict (+ "fingerprint" over paths, sizes, content hashes)."""
     limits = limits or DataLimits.from_env()
+    _check_class_count(listing, limits)
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         probes, rejected = _probe_all(listing, pool)
         channels, size = _choose_settings(probes, settings, listing["root"], limits)
@@ -202,6 +202,12 @@ def decode_tree(listing: dict, settings: dict, workers: int | None = None,
     return parts
 
 
+def _check_class_count(listing, limits: DataLimits) -> None:
+    """Before any file is read: one class per folder name, bounded like any other source."""
+    limits.check_classes(len({c for _, c, _ in listing["class_dirs"]}),
+                         f"{listing['root']} (one class per folder)")
+
+
 def _file_digest(path: Path) -> str:
     """sha256 of a file, read in chunks (a huge rejected file is not held in memory)."""
     try:
@@ -211,14 +217,15 @@ def _file_digest(path: Path) -> str:
 
 
 def _decode_into(out, j, path: Path, channels, size, resize) -> tuple[str, str | None]:
-    """Decode one file into out[j]; returns (sha256 of the bytes, error reason or None)."""
+    """Decode one file into out[j]; returns (sha256 of the bytes, error reason or None).
+    The hash is read in chunks and PIL reads what it decodes, so a huge file with a valid
+    header and gigabytes of trailing junk is never held in memory."""
     try:
-        data = path.read_bytes()
+        digest = sha256_file(path)
     except OSError as e:
         return "", f"cannot read file ({e})"
-    digest = hashlib.sha256(data).hexdigest()
     try:
-        arr = resize_image(decode_image(data, channels), size, resize)  # (H, W, C)
+        arr = resize_image(decode_image(path, channels), size, resize)  # (H, W, C)
     except ImageError as e:
         return digest, e.reason
     out[j] = arr.transpose(2, 0, 1)
@@ -280,6 +287,7 @@ def stream_tree(listing: dict, settings: dict, workers: int | None = None,
     used instead of decoding again.
     """
     limits = limits or DataLimits.from_env()
+    _check_class_count(listing, limits)
     if checked is None or len(checked) != len(listing["items"]):
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
             probes, _ = _probe_all(listing, pool, check=verify_image, keep_errors=True)

@@ -75,12 +75,13 @@ def load_source(spec, *, image_size=None, channels=None, cache_dir=None, downloa
              "cifar": lambda: cifar.read_cifar(path)}[kind]()
     if kind == "cifar":
         parts["extra"] = {"path": str(path)}
-    check_classes(parts, str(path) if path is not None else kind)
+    check_classes(parts, str(path) if path is not None else kind, limits)
     return _store(_conform(parts, settings, limits), fp, cache_dir)
 
 
-def check_classes(parts: dict, source: str) -> None:
+def check_classes(parts: dict, source: str, limits: DataLimits | None = None) -> None:
     """A classifier needs >= 2 classes with items; one class would "train" to 100% and mean nothing."""
+    (limits or DataLimits.from_env()).check_classes(len(parts["class_names"]), source)
     used = sorted({int(v) for p in parts["splits"].values() for v in np.unique(p["labels"])})
     if len(used) < 2:
         names = parts["class_names"]
@@ -152,7 +153,7 @@ def _load_folder(path: Path, settings: dict, cache_dir, stream: bool, limits: Da
         if memo is None:
             cache.memo_put(cache_dir, key, {"checked": parts["checked"]})
         parts.pop("checked")
-        check_classes(parts, str(path))
+        check_classes(parts, str(path), limits)
         return _bundle(parts, parts.pop("fingerprint"))
     key = folder.listing_key(listing, {**settings, "version": SOURCE_VERSION})
     memo = cache.memo_get(cache_dir, key)
@@ -160,7 +161,7 @@ def _load_folder(path: Path, settings: dict, cache_dir, stream: bool, limits: Da
     if hit is not None:
         return _rebase(_from_cache(hit, memo["fingerprint"]), path)
     parts = folder.decode_tree(listing, settings, limits=limits)
-    check_classes(parts, str(path))
+    check_classes(parts, str(path), limits)
     fp = cache.settings_hash("resforge-data", SOURCE_VERSION, parts.pop("fingerprint"))
     bundle = _store(parts, fp, cache_dir)
     cache.memo_put(cache_dir, key, {"fingerprint": fp})
