@@ -386,3 +386,11 @@ def test_too_many_class_folders_refused_before_reading(tmp_path, tmp_cache, monk
     for stream in (False, True):
         with pytest.raises(ValueError, match=r"\(one class per folder\) defines 3 classes.*max_classes=2"):
             load_source(root, stream=stream, limits=DataLimits(max_classes=2))
+
+
+def test_a_fifo_or_device_as_the_source_is_refused_unopened(tmp_path, tmp_cache):
+    os.mkfifo(tmp_path / "cifar-10-binary.tar.gz")                     # would block tarfile
+    os.symlink("/dev/zero", tmp_path / "zero.npz")                     # would never end
+    for name, word in (("cifar-10-binary.tar.gz", "FIFO"), ("zero.npz", "character device")):
+        with pytest.raises(ValueError, match=f"{name}: a {word}.*not a regular file"):
+            with_deadline(lambda: load_source(tmp_path / name), seconds=30)

@@ -145,6 +145,7 @@ def _members(path: Path):
     if path.is_dir():
         for p in sorted(path.iterdir()):
             if p.is_file() and _MEMBER.match(p.name):
+                _check_size(path, p.name, p.stat().st_size)
                 yield p.name, p.read_bytes()
         return
     try:
@@ -152,13 +153,17 @@ def _members(path: Path):
             for m in tf:
                 base = m.name.rsplit("/", 1)[-1]
                 if m.isfile() and _MEMBER.match(base):
-                    if m.size > _MAX_MEMBER:  # the largest real one (cifar-100 train.bin) is 154 MB
-                        raise ValueError(f"{path}: member {m.name} declares {m.size} bytes, far more "
-                                         "than any CIFAR file; this is not an official archive")
+                    _check_size(path, m.name, m.size)
                     yield base, tf.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as e:
         raise ValueError(f"{path}: corrupt or unreadable archive ({e}); delete it and "
                          "download again") from None
+
+
+def _check_size(path, member: str, size: int) -> None:
+    if size > _MAX_MEMBER:  # the largest real one (cifar-100 train.bin) is 154 MB
+        raise ValueError(f"{path}: {member} is {size} bytes, far more than any CIFAR file "
+                         f"(limit {_MAX_MEMBER}); this is not an official CIFAR archive or folder")
 
 
 def _need(blobs: dict, name: str, path) -> bytes:

@@ -102,7 +102,7 @@ def _image_files(cdir: Path) -> tuple[list[Path], int, list[tuple[Path, str]]]:
             if reason is None:
                 files.append(path)
             else:
-                skipped.append((path, reason))
+                skipped.append((path, f"{reason}: skipped, never opened"))
     return files, ignored, skipped
 
 

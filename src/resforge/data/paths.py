@@ -23,14 +23,14 @@ def not_regular_reason(path) -> str | None:
         mode = os.stat(path).st_mode
     except OSError as e:
         if e.errno == errno.ELOOP:
-            return "symlink loop: skipped"
+            return "symlink loop"
         if os.path.islink(path):
-            return f"dangling symlink (its target {display_name(os.readlink(path))} is missing): skipped"
-        return f"cannot stat the file ({e.strerror}): skipped"
+            return f"dangling symlink (its target {display_name(os.readlink(path))} is missing)"
+        return f"cannot stat the file ({e.strerror})"
     if stat.S_ISREG(mode):
         return None
     kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
-    return f"{kind}, not a regular file: skipped, never opened"
+    return f"{kind}, not a regular file"
 
 
 def display_name(name) -> str:

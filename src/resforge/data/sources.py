@@ -21,6 +21,7 @@ import numpy as np
 from . import arrays, cache, cifar, folder
 from .images import RESIZE_MODES, convert_channels, resize_image
 from .limits import DataLimits
+from .paths import display_name, not_regular_reason
 
 SOURCE_VERSION = 1  # bump when decoding changes, so old cache entries are not reused
 
@@ -120,6 +121,9 @@ def _resolve(spec, data_root, download) -> tuple[str, Path | None]:
     if not path.exists():
         raise FileNotFoundError(f"data source {str(spec)!r} not found: expected 'digits', 'cifar10', "
                                 "'cifar100', or an existing .npz file, CIFAR archive or image folder")
+    odd = None if path.is_dir() else not_regular_reason(path)
+    if odd is not None:  # a FIFO / device source would block or never end when read
+        raise ValueError(f"data source {display_name(path)}: {odd}; pass a file, folder or data set name")
     if path.is_file() and path.suffix.lower() == ".npz":
         return "npz", path
     if cifar.looks_like_cifar(path):
@@ -176,7 +180,7 @@ def _rebase(bundle: DataBundle, root: Path) -> DataBundle:
             sp.files = [str(root / i) for i in sp.ids]
     for r in bundle.rejected:
         if "id" in r:
-            r["path"] = str(root / r["id"])
+            r["path"] = display_name(root / r["id"])
     return bundle
 
 
