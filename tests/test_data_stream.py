@@ -55,5 +55,7 @@ def test_unreadable_file_is_rejected_at_load_not_in_a_worker(tree, tmp_cache):
     assert [r["id"] for r in b.rejected] == ["red/9.png"] and len(b.splits["train"].files) == 10
     ds = FileImageDataset.from_split(b, "train")
     (tree / "red" / "0.png").write_bytes(b"")         # broken after the load: still names the file
+    loader = iter(DataLoader(ds, batch_size=4, num_workers=2))
     with pytest.raises(ImageError, match="0.png"):
-        list(DataLoader(ds, batch_size=4, num_workers=2))
+        list(loader)
+    loader._shutdown_workers()        # now, not when pytest drops the traceback (slow there)
