@@ -288,11 +288,12 @@ def stream_tree(listing: dict, settings: dict, workers: int | None = None,
     """
     limits = limits or DataLimits.from_env()
     _check_class_count(listing, limits)
-    if checked is None or len(checked) != len(listing["items"]):
+    probes = _from_checked(checked, len(listing["items"]))
+    if probes is None:
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            probes, _ = _probe_all(listing, pool, check=verify_image, keep_errors=True)
-        checked = [{"reason": p.reason} if isinstance(p, ImageError) else [*p[0], p[1]] for p in probes]
-    probes = [None if isinstance(c, dict) else ((c[0], c[1]), bool(c[2])) for c in checked]
+            results, _ = _probe_all(listing, pool, check=verify_image, keep_errors=True)
+        checked = [{"reason": r.reason} if isinstance(r, ImageError) else [*r[0], r[1]] for r in results]
+        probes = _from_checked(checked, len(listing["items"]))
     rejected = _skipped_rejects(listing) + [_reject(listing, item, c["reason"]) for item, c in
                                             zip(listing["items"], checked) if isinstance(c, dict)]
     channels, size = _choose_settings(probes, settings, listing["root"], limits)
@@ -304,3 +305,14 @@ def stream_tree(listing: dict, settings: dict, workers: int | None = None,
     parts["fingerprint"] = settings_hash("folder-stream", stats, settings, channels, list(size))
     parts["checked"] = checked
     return parts
+
+
+def _from_checked(checked, n: int) -> list | None:
+    """Memo entries ([H, W, gray] or {"reason"}) -> probes; None if absent or malformed."""
+    if not isinstance(checked, list) or len(checked) != n:
+        return None
+    try:
+        return [None if isinstance(c, dict) and isinstance(c["reason"], str)
+                else ((int(c[0]), int(c[1])), bool(c[2])) for c in checked]
+    except (TypeError, KeyError, IndexError, ValueError):
+        return None

@@ -150,7 +150,7 @@ def _content_hash(kind: str, path: Path | None, cache_dir) -> str:
 def _load_folder(path: Path, settings: dict, cache_dir, stream: bool, limits: DataLimits) -> DataBundle:
     listing = folder.list_tree(path)
     if stream:  # every file was decode-checked once; the memo skips that for an unchanged tree
-        key = folder.listing_key(listing, {**settings, "version": SOURCE_VERSION, "kind": "checked"})
+        key = folder.listing_key(listing, {"version": SOURCE_VERSION, "kind": "checked"})
         memo = cache.memo_get(cache_dir, key)
         parts = folder.stream_tree(listing, settings, limits=limits,
                                    checked=memo.get("checked") if memo else None)
