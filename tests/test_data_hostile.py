@@ -186,8 +186,10 @@ def test_report_writes_odd_names(tmp_path, tmp_cache):
     """Before: a non-UTF-8 rejected name crashed report.md after training."""
     from resforge.report import write_report
     root = tmp_path / "ds"
-    special_tree(root)
+    sock = special_tree(root)
     b = with_deadline(lambda: load_source(root))
+    if sock:
+        sock.close()
     _, md = write_report(tmp_path / "run", {}, meta={"model": "resnet20", "class_names": b.class_names},
                          extra={"rejected": b.rejected})
     text = md.read_text(encoding="utf-8")
@@ -196,9 +198,11 @@ def test_report_writes_odd_names(tmp_path, tmp_cache):
 
 def test_cli_scan_of_a_hostile_tree_finishes_and_lists_everything(tmp_path):
     root = tmp_path / "ds"
-    special_tree(root)
+    sock = special_tree(root)
     out = tmp_path / "scan.json"
     r = cli("data", "scan", root, "--json", out, timeout=120)          # a FIFO read would hang here
+    if sock:
+        sock.close()
     assert r.returncode == 0, r.stderr
     rejected = {x["id"] for x in json.loads(out.read_text())["rejected"]}
     assert rejected >= set(SPECIAL) and f"rejected files: {len(rejected)}" in r.stdout
