@@ -80,6 +80,7 @@ def test_most_common_size_wins(tmp_path, tmp_cache):
     for i in range(3):
         png(root / "a" / f"{i}.png", 5, size=(10, 20))
     png(root / "a" / "odd.png", 5, size=(30, 30))
+    png(root / "b" / "odd.png", 5, size=(30, 30))
     assert load_source(root).image_size == (10, 20)
 
 

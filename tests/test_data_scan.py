@@ -49,3 +49,20 @@ def test_scan_of_a_loaded_bundle(tmp_cache):
     assert sum(report["counts"]["train"].values()) == 1437 and report["leaks"]["pixels"] == []
     assert "files" not in report["duplicates"]                           # no files for arrays
     assert "total" in format_scan(report)
+
+
+def test_scan_of_a_folder_builds_no_tensor(tmp_path, tmp_cache, monkeypatch):
+    """Issue 19.4: scan needs counts and hashes only, so a folder is hashed file by file."""
+    import resforge.data.folder as folder_mod
+
+    def no_tensor(*a, **k):
+        raise AssertionError("scan decoded the whole folder into one array")
+    monkeypatch.setattr(folder_mod, "decode_tree", no_tensor)
+    for c in ("a", "b"):
+        for i in range(3):
+            noise_png(tmp_path / "ds" / c / f"{i}.png", 100 + 10 * ord(c) + i)
+    shutil.copy(tmp_path / "ds/a/0.png", tmp_path / "ds/b/dup.png")
+    report = scan(tmp_path / "ds", stream=False)                         # what the CLI passes
+    assert report["duplicates"]["pixels"]["train"] == [["a/0.png", "b/dup.png"]]
+    assert report["counts"]["train"] == {"a": 3, "b": 4}
+    assert not list(tmp_cache.rglob("*.u8"))                             # no tensor cached either

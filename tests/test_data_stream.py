@@ -22,7 +22,20 @@ def test_streamed_bundle_has_files_not_images(tree, tmp_cache):
     sp = b.splits["train"]
     assert sp.images is None and len(sp.files) == 10 and sp.labels.tolist() == [0] * 5 + [1] * 5
     assert b.image_size == (12, 20) and b.channels == 3 and b.extra["fingerprint_kind"] == "metadata"
-    assert not tmp_cache.exists()                      # nothing decoded, nothing cached
+    assert not list(tmp_cache.rglob("*.u8"))           # no decoded tensor cached (only a memo)
+
+
+def test_decode_check_is_memoised_until_the_tree_changes(tree, tmp_cache, monkeypatch):
+    import resforge.data.folder as folder_mod
+    calls = []
+    real = folder_mod.verify_image
+    monkeypatch.setattr(folder_mod, "verify_image", lambda p: calls.append(p) or real(p))
+    first = load_source(tree, stream=True)
+    assert len(calls) == 10
+    assert load_source(tree, stream=True).rejected == first.rejected and len(calls) == 10
+    (tree / "red" / "4.png").write_bytes(b"broken")  # size changes: the listing key changes
+    assert [r["id"] for r in load_source(tree, stream=True).rejected] == ["red/4.png"]
+    assert len(calls) == 20
 
 
 def test_dataloader_with_workers(tree, tmp_cache):
@@ -36,11 +49,13 @@ def test_dataloader_with_workers(tree, tmp_cache):
     assert x[:5, 2].float().mean() > 250 and x[5:, 0].float().mean() > 250   # blue=0, red=1
 
 
-def test_unreadable_file_at_stream_time_names_it(tree, tmp_cache):
-    (tree / "red" / "9.png").write_bytes(b"")         # passes listing, fails when read
+def test_unreadable_file_is_rejected_at_load_not_in_a_worker(tree, tmp_cache):
+    (tree / "red" / "9.png").write_bytes(b"")         # passes listing, fails the load-time decode
     b = load_source(tree, stream=True, image_size=(8, 8), channels=1)
-    assert b.rejected == [] and len(b.splits["train"].files) == 11
+    assert [r["id"] for r in b.rejected] == ["red/9.png"] and len(b.splits["train"].files) == 10
     ds = FileImageDataset.from_split(b, "train")
-    with pytest.raises(ImageError, match="9.png"):
-        list(DataLoader(ds, batch_size=4, num_workers=2))
-    assert load_source(tree, stream=True).rejected[0]["id"] == "red/9.png"   # probed when sizing
+    (tree / "red" / "0.png").write_bytes(b"")         # broken after the load: still names the file
+    loader = iter(DataLoader(ds, batch_size=4, num_workers=2))
+    with pytest.raises(ImageError, match="0.png"):
+        list(loader)
+    loader._shutdown_workers()        # now, not when pytest drops the traceback (slow there)

@@ -6,9 +6,11 @@ Public API (everything returns/accepts uint8 (N, C, H, W) tensors inside a DataB
     scan / format_scan                            scan.py
     decode_image / resize_image / ImageError      images.py
     FileImageDataset                              stream.py (streamed ImageFolder splits)
+    DataLimits                                    limits.py (max classes / image side / bytes)
 """
 from .cifar import download_cifar
 from .images import IMAGE_EXTENSIONS, ImageError, decode_image, resize_image
+from .limits import DataLimits
 from .safe_pickle import UnsafePickleError, safe_load_pickle
 from .scan import format_scan, scan
 from .sources import DataBundle, Split, load_source
@@ -20,5 +22,5 @@ __all__ = [
     "IMAGE_EXTENSIONS", "ImageError", "decode_image", "resize_image",
     "UnsafePickleError", "safe_load_pickle",
     "make_splits", "save_manifest", "load_manifest", "subset",
-    "scan", "format_scan", "FileImageDataset",
+    "scan", "format_scan", "FileImageDataset", "DataLimits",
 ]

@@ -4,9 +4,16 @@ Builders return "parts" (plain dicts, see sources.py) with uint8 (N, C, H, W) im
 """
 from __future__ import annotations
 
+import math
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy_format
+
+from .limits import DataLimits
 
 SPLITS = ("train", "val", "test")
 
@@ -32,21 +39,27 @@ def _split(images, labels, idx, prefix) -> dict:
             "ids": [f"{prefix}:{i}" for i in idx], "files": None}
 
 
-def npz_parts(path: Path) -> dict:
-    """{train,val,test}_images (N,H,W) or (N,H,W,C) uint8 + {split}_labels (N,) or (N,1)."""
+def npz_parts(path: Path, limits: DataLimits | None = None) -> dict:
+    """{train,val,test}_images (N,H,W) or (N,H,W,C) uint8 + {split}_labels (N,) or (N,1).
+
+    Every array's declared shape and dtype are read from its .npy header and checked against
+    the limits before anything is allocated; a damaged archive is one sentence naming the file.
+    """
+    limits = limits or DataLimits.from_env()
+    headers = _npz_headers(path)
+    present = [s for s in SPLITS if f"{s}_images" in headers]
+    if not present:
+        raise ValueError(f"{path}: no 'train_images'/'val_images'/'test_images' key "
+                         f"(keys: {sorted(headers)}); save arrays under those names")
+    _check_declared(headers, present, path, limits)
     try:
         npz = np.load(path, allow_pickle=False)  # never unpickle objects from a data file
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+    except (*_ZIP_ERRORS, ValueError) as e:
+        raise _damaged(path, e) from None
     with npz:
-        present = [s for s in SPLITS if f"{s}_images" in npz.files]
-        if not present:
-            raise ValueError(f"{path}: no 'train_images'/'val_images'/'test_images' key "
-                             f"(keys: {sorted(npz.files)}); save arrays under those names")
         names = _npz_class_names(npz, path)
         splits = {s: _npz_split(npz, s, path) for s in present}
-    top = max(int(p["labels"].max(initial=-1)) for p in splits.values())
-    k = len(names) if names is not None else top + 1        # classes = 0..max label by default
+    k = _num_classes(splits, names, path, limits)
     for s, p in splits.items():
         _check_labels(p["labels"], k, f"{path}: '{s}_labels'",
                       "class_names" if names is not None else None)
@@ -54,26 +67,108 @@ def npz_parts(path: Path) -> dict:
     return {"name": path.stem, "class_names": names or [str(i) for i in range(k)], "splits": splits}
 
 
+# what a damaged zip / .npy member raises while being read (CRC, truncation, bad deflate data)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, OSError)
+
+
+def _damaged(path, e: BaseException) -> ValueError:
+    return ValueError(f"{path}: damaged or not an .npz file ({type(e).__name__}: {e}); re-create it with "
+                      "np.savez / np.savez_compressed, or re-download it")
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple, np.dtype]]:
+    """{key: (declared shape, dtype)} from each member's .npy header, without reading its data."""
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as f:
+                    version = npy_format.read_magic(f)
+                    read = npy_format.read_array_header_1_0 if version == (1, 0) \
+                        else npy_format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                out[info.filename[:-4]] = (tuple(int(d) for d in shape), dtype)
+    except (*_ZIP_ERRORS, ValueError) as e:
+        raise _damaged(path, e) from None
+    return out
+
+
+def _check_declared(headers: dict, present: list[str], path: Path, limits: DataLimits) -> None:
+    """Refuse absurd or zero-size declared shapes and data sets larger than the byte limit."""
+    total = 0
+    for s in present:
+        for key in (f"{s}_images", f"{s}_labels"):
+            if key not in headers:
+                continue
+            shape, dtype = headers[key]
+            if dtype.hasobject:
+                continue  # refused with its own sentence when read (no pickle)
+            if key.endswith("_images") and len(shape) in (3, 4) and (shape[1] == 0 or shape[2] == 0):
+                raise ValueError(f"{path}: '{key}' has shape {shape}: images of zero size "
+                                 f"{shape[1]}x{shape[2]}; every image needs at least 1x1 pixels")
+            if key.endswith("_images") and len(shape) in (3, 4):
+                limits.check_side(shape[1:3], f"{path}: '{key}'")
+            total += math.prod(shape) * dtype.itemsize
+    for key in ("class_names", "labels"):  # class-name arrays: K strings
+        if key in headers:
+            limits.check_classes(math.prod(headers[key][0]), f"{path}: '{key}'")
+            total += math.prod(headers[key][0]) * headers[key][1].itemsize
+    limits.check_bytes(total, f"{path}: the arrays it declares (shapes "
+                       + ", ".join(f"{k} {headers[k][0]}" for s in present for k in
+                                   (f"{s}_images", f"{s}_labels") if k in headers) + ")")
+
+
+def _num_classes(splits: dict, names: list[str] | None, path: Path, limits: DataLimits) -> int:
+    """K: len(class_names), else max label + 1, refusing label sets far sparser than 0..K-1."""
+    if names is not None:
+        limits.check_classes(len(names), f"{path}: 'class_names'")
+        return len(names)
+    labels = np.concatenate([p["labels"] for p in splits.values()])
+    if len(labels) == 0:
+        return 0
+    top = int(labels.max())
+    if top < 0:
+        return 0  # every label negative: _check_labels names one
+    where = next((s, int(np.argmax(p["labels"]))) for s, p in splits.items()
+                 if len(p["labels"]) and int(p["labels"].max()) == top)
+    used = np.unique(labels[labels >= 0])
+    k = top + 1
+    if k > 2 * len(used):  # more than half of 0..K-1 unused: not class indices
+        raise ValueError(f"{path}: label {top} (item {where[1]} of '{where[0]}_labels') implies {k} "
+                         f"classes but only {len(used)} distinct labels are used; labels must be "
+                         "class indices 0..K-1: remap them (e.g. np.unique(labels, return_inverse=True))")
+    limits.check_classes(k, f"{path}: label {top} (item {where[1]} of '{where[0]}_labels')")
+    unused = sorted(set(range(k)) - set(used.tolist()))
+    if unused:
+        warnings.warn(f"{path}: classes {unused[:10]}{' ...' if len(unused) > 10 else ''} have no "
+                      f"items in any split (labels run 0..{top}); the model still gets {k} outputs")
+    return k
+
+
 def _npz_class_names(npz, path) -> list[str] | None:
     for key in ("class_names", "labels"):
         if key in npz.files:
-            try:
-                arr = npz[key]
-            except ValueError:
-                raise ValueError(f"{path}: '{key}' is an object array; store class names as a "
-                                 "string array, e.g. np.array(names, dtype=str)") from None
+            arr = _get(npz, key, path, "store class names as a string array, e.g. "
+                                          "np.array(names, dtype=str)")
             if arr.dtype.kind not in "US":
                 raise ValueError(f"{path}: '{key}' must hold class names as strings, got {arr.dtype}")
             return [x.decode() if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)]
     return None
 
 
-def _get(npz, key: str, path) -> np.ndarray:
+def _get(npz, key: str, path, fix: str = "save it as a numeric array") -> np.ndarray:
+    """The one place array data is read: damage and object arrays become one sentence."""
     try:
         return npz[key]
-    except ValueError:  # object arrays need pickle, which we refuse for data files
-        raise ValueError(f"{path}: '{key}' is an object array (it would need pickle, refused for "
-                         "safety); save it as a numeric array") from None
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # object arrays need pickle, which we refuse for data files
+            raise ValueError(f"{path}: '{key}' is an object array (it would need pickle, refused for "
+                             f"safety); {fix}") from None
+        raise _damaged(path, e) from None
+    except _ZIP_ERRORS as e:
+        raise _damaged(path, e) from None
 
 
 def _npz_split(npz, split: str, path) -> dict:
@@ -81,9 +176,7 @@ def _npz_split(npz, split: str, path) -> dict:
     if lkey not in npz.files:
         raise ValueError(f"{path}: has '{split}_images' but no '{lkey}'")
     labels = _int_labels(_get(npz, lkey, path), f"{path}: '{lkey}'")
-    if images.dtype != np.uint8:
-        raise ValueError(f"{path}: '{split}_images' is {images.dtype}, expected uint8; convert "
-                         "with np.clip(np.round(x * 255), 0, 255).astype(np.uint8) for 0..1 floats")
+    images = _uint8_images(images, f"{path}: '{split}_images'")
     if images.ndim == 3:
         images = images[..., None]                       # (N, H, W) -> (N, H, W, 1)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -94,6 +187,35 @@ def _npz_split(npz, split: str, path) -> dict:
     nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     return {"images": nchw, "labels": labels, "ids": [f"{split}:{i}" for i in range(len(labels))],
             "files": None}
+
+
+def _uint8_images(images: np.ndarray, what: str) -> np.ndarray:
+    """uint8 as is; integer arrays whose values all lie in 0..255 are cast; anything else
+    (floats, whose scale 0..1 or 0..255 cannot be guessed, NaN, out-of-range) is refused."""
+    if images.dtype == np.uint8:
+        return images
+    convert = "convert with np.clip(np.round(x * 255), 0, 255).astype(np.uint8) for 0..1 floats"
+    if images.dtype.kind in "iub":
+        lo, hi = (int(images.min()), int(images.max())) if images.size else (0, 0)
+        if 0 <= lo and hi <= 255:
+            return images.astype(np.uint8)
+        raise ValueError(f"{what} is {images.dtype} with values {lo}..{hi}, outside 0..255; "
+                         "store 8-bit pixel values as uint8")
+    if images.dtype.kind == "f":
+        nan = int(np.count_nonzero(~np.isfinite(images)))
+        if nan:
+            first = int(np.flatnonzero((~np.isfinite(images.reshape(len(images), -1))).any(axis=1))[0])
+            raise ValueError(f"{what} has {nan} NaN/infinite values (first in item {first}); "
+                             f"images must be uint8 0..255 pixel values: fix or drop those items")
+        lo, hi = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
+        if lo >= 0 and hi <= 1.0:
+            fix = convert
+        elif lo >= 0 and hi <= 255:
+            fix = "convert with np.clip(np.round(x), 0, 255).astype(np.uint8)"
+        else:
+            fix = "values outside 0..255 cannot be pixels: rescale them to 0..255 first"
+        raise ValueError(f"{what} is {images.dtype} (values {lo:g}..{hi:g}), expected uint8 0..255; {fix}")
+    raise ValueError(f"{what} is {images.dtype}, expected uint8 0..255 pixel values")
 
 
 def _int_labels(raw: np.ndarray, what: str) -> np.ndarray:

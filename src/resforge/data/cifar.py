@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import os
+import pickle
 import re
 import tarfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from .safe_pickle import safe_load_pickle
+from .safe_pickle import UnsafePickleError, safe_load_pickle
 
 BASE_URL = "https://www.cs.toronto.edu/~kriz/"
 CIFAR_FILES = {  # variant -> (official archive name, MD5)
@@ -33,6 +36,7 @@ CIFAR_NAMES = {  # dataset -> (extracted folder names, archive variants), prefer
 _MEMBER = re.compile(r"^(data_batch_[1-5]|test_batch|batches\.meta|train|test|meta)(\.bin|\.txt)?$"
                      r"|^fine_label_names\.txt$")
 _PIXELS = 3 * 32 * 32
+_MAX_MEMBER = 256 * 2**20
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
 
 
@@ -141,6 +145,7 @@ def _members(path: Path):
     if path.is_dir():
         for p in sorted(path.iterdir()):
             if p.is_file() and _MEMBER.match(p.name):
+                _check_size(path, p.name, p.stat().st_size)
                 yield p.name, p.read_bytes()
         return
     try:
@@ -148,10 +153,17 @@ def _members(path: Path):
             for m in tf:
                 base = m.name.rsplit("/", 1)[-1]
                 if m.isfile() and _MEMBER.match(base):
+                    _check_size(path, m.name, m.size)
                     yield base, tf.extractfile(m).read()
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as e:
         raise ValueError(f"{path}: corrupt or unreadable archive ({e}); delete it and "
                          "download again") from None
+
+
+def _check_size(path, member: str, size: int) -> None:
+    if size > _MAX_MEMBER:  # the largest real one (cifar-100 train.bin) is 154 MB
+        raise ValueError(f"{path}: {member} is {size} bytes, far more than any CIFAR file "
+                         f"(limit {_MAX_MEMBER}); this is not an official CIFAR archive or folder")
 
 
 def _need(blobs: dict, name: str, path) -> bytes:
@@ -189,7 +201,7 @@ def _python(blobs, path, name, train_files, test_file, meta_file, label_key, nam
     k = 10 if name == "cifar10" else 100
     splits = {"train": _python_split(blobs, path, train_files, label_key, k),
               "test": _python_split(blobs, path, [test_file], label_key, k)}
-    meta = safe_load_pickle(io.BytesIO(_need(blobs, meta_file, path)), name=f"{path}:{meta_file}")
+    meta = _unpickle(blobs, path, meta_file)
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, [])]
     return {"name": name, "class_names": names if len(names) == k else [str(i) for i in range(k)],
             "splits": splits}
@@ -198,14 +210,31 @@ def _python(blobs, path, name, train_files, test_file, meta_file, label_key, nam
 def _python_split(blobs, path, files, label_key, k) -> dict:
     images, labels, ids = [], [], []
     for f in files:
-        d = safe_load_pickle(io.BytesIO(_need(blobs, f, path)), name=f"{path}:{f}")
+        d = _unpickle(blobs, path, f)
         if "data" not in d or label_key not in d:
             raise ValueError(f"{path}: {f} lacks 'data' or '{label_key}' (keys: {sorted(d)})")
-        data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels.append(np.asarray(d[label_key], dtype=np.int64))
+        try:
+            data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels.append(np.asarray(d[label_key], dtype=np.int64).reshape(-1))
+        except (ValueError, TypeError, OverflowError) as e:
+            raise ValueError(f"{path}: {f} does not hold CIFAR records ({e}); re-download it") from None
         images.append(data)
         ids += [f"{f}:{i}" for i in range(len(data))]
     return _finish(images, labels, ids, k, path)
+
+
+def _unpickle(blobs, path, member: str):
+    """A truncated or refused pickle is a sentence naming the archive and member (ValueError)."""
+    try:
+        d = safe_load_pickle(io.BytesIO(_need(blobs, member, path)), name=f"{path}:{member}")
+    except UnsafePickleError:
+        raise                            # a refusal, not damage: its message names the global
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{e}; the file is damaged or not an official CIFAR file: re-download it") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: {member} holds a {type(d).__name__}, not a CIFAR batch dict; "
+                         "re-download it")
+    return d
 
 
 def _finish(images, labels, ids, k, path) -> dict:

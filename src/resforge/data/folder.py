@@ -6,10 +6,12 @@ Two passes over the files, both on a thread pool (PIL releases the GIL while dec
 2. decode + resize straight into the final uint8 (N, C, H, W) array, hashing each file's bytes.
 Unreadable files are listed in "rejected" with the reason; hidden entries and non-image
 extensions are skipped and counted in "ignored" (a hidden folder counts once).
+Only regular files are ever opened: FIFOs, sockets, devices, dangling symlinks, symlink loops
+and symlinked sub-folders (not followed) are listed in "rejected" with the reason, unopened.
+Names in "rejected" are printable strings (display_name), whatever bytes the file system holds.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import settings_hash
-from .images import IMAGE_EXTENSIONS, ImageError, decode_image, probe_image, resize_image
+from .cache import settings_hash, sha256_file
+from .images import IMAGE_EXTENSIONS, ImageError, decode_image, probe_image, resize_image, verify_image
+from .limits import DataLimits
+from .paths import display_name, not_regular_reason
 
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -32,20 +36,21 @@ def list_tree(root: Path) -> dict:
         raise FileNotFoundError(f"{root}: not a folder")
     top, ignored = _visible_dirs(root)
     groups = _split_groups(root, top)
-    items, class_dirs = [], []
+    items, class_dirs, skipped = [], [], []
     for split, sdir in groups:
         cdirs, n = (top, 0) if sdir == root else _visible_dirs(sdir)
         ignored += n
         for cdir in cdirs:
-            files, n = _image_files(cdir)
+            files, n, skip = _image_files(cdir)
             ignored += n
             class_dirs.append((split, cdir.name, cdir))
             items += [(split, cdir.name, f) for f in files]
+            skipped += [(split, cdir.name, f, reason) for f, reason in skip]
     if not class_dirs:
         raise ValueError(f"{root}: no class folders; expected root/<class>/<image> "
                          "or root/{train,val,test}/<class>/<image>")
     return {"root": root, "layout": "splits" if groups[0][1] != root else "flat",
-            "items": items, "class_dirs": class_dirs, "ignored": ignored}
+            "items": items, "class_dirs": class_dirs, "ignored": ignored, "skipped": skipped}
 
 
 def _split_groups(root: Path, top: list[Path]) -> list[tuple[str, Path]]:
@@ -76,29 +81,43 @@ def _visible_dirs(folder: Path) -> tuple[list[Path], int]:
     return dirs, ignored
 
 
-def _image_files(cdir: Path) -> tuple[list[Path], int]:
-    """Image files under a class folder (recursive, sorted) and the ignored count."""
-    files, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(cdir):
+def _image_files(cdir: Path) -> tuple[list[Path], int, list[tuple[Path, str]]]:
+    """Regular image files under a class folder (recursive, sorted), the ignored count, and
+    the (path, reason) of image-named entries that are not regular files (never opened)."""
+    files, ignored, skipped = [], 0, []
+    for dirpath, dirnames, filenames in os.walk(cdir):  # followlinks=False: no symlink cycles
         hidden = [d for d in dirnames if d.startswith(".")]
         ignored += len(hidden)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        visible = sorted(d for d in dirnames if not d.startswith("."))
+        links = [d for d in visible if os.path.islink(os.path.join(dirpath, d))]
+        skipped += [(Path(dirpath) / d, "symlink to a folder: not followed (could loop); "
+                     "link the files or copy the folder instead") for d in links]
+        dirnames[:] = [d for d in visible if d not in links]
         for name in sorted(filenames):
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                 ignored += 1
+                continue
+            path = Path(dirpath) / name
+            reason = not_regular_reason(path)
+            if reason is None:
+                files.append(path)
             else:
-                files.append(Path(dirpath) / name)
-    return files, ignored
+                skipped.append((path, f"{reason}: skipped, never opened"))
+    return files, ignored, skipped
 
 
 def listing_key(listing: dict, settings: dict) -> str:
     """Cheap identity of the tree (paths, sizes, mtimes) + requested settings, for memo lookup."""
     stats = [(_rel(listing, p), *_stat(p)) for _, _, p in listing["items"]]
-    return settings_hash("folder-listing", str(listing["root"].resolve()), stats, settings)
+    skipped = [(_rel(listing, p), reason) for _, _, p, reason in listing["skipped"]]
+    return settings_hash("folder-listing", str(listing["root"].resolve()), stats, skipped, settings)
 
 
 def _stat(p: Path) -> tuple[int, int]:
-    st = p.stat()
+    try:
+        st = p.stat()
+    except OSError:  # removed since the listing: the decode step rejects it with its reason
+        return -1, -1
     return st.st_size, st.st_mtime_ns
 
 
@@ -108,24 +127,33 @@ def _rel(listing: dict, p: Path) -> str:
 
 # ---------------------------------------------------------------- probing
 
-def _probe_all(listing, pool) -> tuple[list, list[dict]]:
-    """Per item: ((H, W), gray) or None; rejected entries for the None ones."""
+def _probe_all(listing, pool, check=probe_image, keep_errors=False) -> tuple[list, list[dict]]:
+    """Per item: ((H, W), gray) or None; rejected entries for the None ones.
+    check: probe_image (header only) or verify_image (header + full decode, nothing kept);
+    keep_errors: the ImageError itself instead of None."""
     def probe(item):
         try:
-            return probe_image(item[2])
+            return check(item[2])
         except ImageError as e:
             return e
     results = list(pool.map(probe, listing["items"]))
+    if keep_errors:
+        return results, []
     rejected = [_reject(listing, item, r.reason) for item, r in zip(listing["items"], results)
                 if isinstance(r, ImageError)]
     return [None if isinstance(r, ImageError) else r for r in results], rejected
 
 
 def _reject(listing, item, reason: str) -> dict:
-    return {"path": str(item[2]), "id": _rel(listing, item[2]), "reason": reason}
+    return {"path": display_name(item[2]), "id": display_name(_rel(listing, item[2])),
+            "reason": display_name(reason)}
 
 
-def _choose_settings(probes, settings: dict, root) -> tuple[int, tuple[int, int]]:
+def _skipped_rejects(listing) -> list[dict]:
+    return [_reject(listing, (s, c, p), reason) for s, c, p, reason in listing["skipped"]]
+
+
+def _choose_settings(probes, settings: dict, root, limits: DataLimits) -> tuple[int, tuple[int, int]]:
     """Requested channels/size, else 1 channel only if every image is grayscale, most common size."""
     good = [p for p in probes if p is not None]
     if not good:
@@ -134,21 +162,29 @@ def _choose_settings(probes, settings: dict, root) -> tuple[int, tuple[int, int]
     if settings["image_size"]:
         return channels, tuple(settings["image_size"])
     sizes = Counter(size for size, _ in good)
-    return channels, max(sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    size = max(sizes.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    limits.check_side(size, f"{root}: the most common image size (the default data.image_size)")
+    return channels, size
 
 
 # ---------------------------------------------------------------- decoding
 
-def decode_tree(listing: dict, settings: dict, workers: int | None = None) -> dict:
+def decode_tree(listing: dict, settings: dict, workers: int | None = None,
+                limits: DataLimits | None = None) -> dict:
     """Decode every image -> parts dict (+ "fingerprint" over paths, sizes, content hashes)."""
+    limits = limits or DataLimits.from_env()
+    _check_class_count(listing, limits)
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         probes, rejected = _probe_all(listing, pool)
-        channels, size = _choose_settings(probes, settings, listing["root"])
+        channels, size = _choose_settings(probes, settings, listing["root"], limits)
         ok = [it for it, p in zip(listing["items"], probes) if p is not None]
+        limits.check_bytes(len(ok) * channels * size[0] * size[1],
+                           f"{listing['root']}: {len(ok)} images at {channels}x{size[0]}x{size[1]}")
         out = np.empty((len(ok), channels, *size), np.uint8)       # (N, C, H, W)
         results = list(pool.map(lambda j: _decode_into(out, j, ok[j][2], channels, size,
                                                        settings["resize"]), range(len(ok))))
-    digests = {str(p): hashlib.sha256(p.read_bytes()).hexdigest()  # probe-rejected files
+    rejected = _skipped_rejects(listing) + rejected
+    digests = {str(p): _file_digest(p)  # probe-rejected files still count in the fingerprint
                for (_, _, p), pr in zip(listing["items"], probes) if pr is None}
     good = []
     for j, (digest, err) in enumerate(results):
@@ -161,20 +197,35 @@ def decode_tree(listing: dict, settings: dict, workers: int | None = None) -> di
     kept = [ok[j] for j in good]
     _check_class_dirs(listing, kept, rejected)
     parts = _parts(listing, kept, out, channels, size, rejected, settings)
-    entries = [(_rel(listing, p), p.stat().st_size, digests[str(p)]) for _, _, p in listing["items"]]
+    entries = [(_rel(listing, p), _stat(p)[0], digests[str(p)]) for _, _, p in listing["items"]]
     parts["fingerprint"] = settings_hash("folder", entries, settings, channels, list(size))
     return parts
 
 
-def _decode_into(out, j, path: Path, channels, size, resize) -> tuple[str, str | None]:
-    """Decode one file into out[j]; returns (sha256 of the bytes, error reason or None)."""
+def _check_class_count(listing, limits: DataLimits) -> None:
+    """Before any file is read: one class per folder name, bounded like any other source."""
+    limits.check_classes(len({c for _, c, _ in listing["class_dirs"]}),
+                         f"{listing['root']} (one class per folder)")
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, read in chunks (a huge rejected file is not held in memory)."""
     try:
-        data = path.read_bytes()
+        return sha256_file(path)
+    except OSError as e:  # vanished or unreadable since the listing: part of the fingerprint anyway
+        return f"unreadable: {e.strerror}"
+
+
+def _decode_into(out, j, path: Path, channels, size, resize) -> tuple[str, str | None]:
+    """Decode one file into out[j]; returns (sha256 of the bytes, error reason or None).
+    The hash is read in chunks and PIL reads what it decodes, so a huge file with a valid
+    header and gigabytes of trailing junk is never held in memory."""
+    try:
+        digest = sha256_file(path)
     except OSError as e:
         return "", f"cannot read file ({e})"
-    digest = hashlib.sha256(data).hexdigest()
     try:
-        arr = resize_image(decode_image(data, channels), size, resize)  # (H, W, C)
+        arr = resize_image(decode_image(path, channels), size, resize)  # (H, W, C)
     except ImageError as e:
         return digest, e.reason
     out[j] = arr.transpose(2, 0, 1)
@@ -194,10 +245,10 @@ def _check_class_dirs(listing, kept, rejected) -> None:
     for split, cls, cdir in listing["class_dirs"]:
         if valid[(split, cls)] == 0:
             rel = cdir.relative_to(listing["root"]).as_posix()
-            bad = [r for r in rejected if r["id"].startswith(rel + "/")]
+            bad = [r for r in rejected if r["id"].startswith(display_name(rel) + "/")]
             detail = f"{len(bad)} rejected, e.g. {bad[0]['id']}: {bad[0]['reason']}" if bad \
                 else "no image files"
-            raise ValueError(f"{listing['root']}: class folder '{rel}' has no valid images "
+            raise ValueError(f"{listing['root']}: class folder '{display_name(rel)}' has no valid images "
                              f"({detail}); add images or remove the folder")
 
 
@@ -214,7 +265,8 @@ def _parts(listing, kept, images, channels, size, rejected, settings) -> dict:
             "labels": np.array([index[kept[j][1]] for j in rows], np.int64),
             "ids": [_rel(listing, kept[j][2]) for j in rows],
             "files": [str(kept[j][2]) for j in rows]}
-    return {"name": listing["root"].resolve().name, "class_names": names, "splits": splits,
+    return {"name": listing["root"].resolve().name, "class_names": [display_name(c) for c in names],
+            "splits": splits,
             "channels": channels, "image_size": tuple(size), "rejected": rejected,
             "extra": {"ignored": listing["ignored"], "layout": listing["layout"],
                       "resize": settings["resize"], "root": str(listing["root"])}}
@@ -222,23 +274,45 @@ def _parts(listing, kept, images, channels, size, rejected, settings) -> dict:
 
 # ---------------------------------------------------------------- streaming
 
-def stream_tree(listing: dict, settings: dict, workers: int | None = None) -> dict:
+def stream_tree(listing: dict, settings: dict, workers: int | None = None,
+                limits: DataLimits | None = None, checked: list | None = None) -> dict:
     """Like decode_tree but keeps file lists only; images are read later (stream.py).
 
-    Headers are probed only when channels or image_size must be chosen; other problems surface
-    as ImageError at read time. The fingerprint is over paths, sizes and mtimes (no content read).
+    Every file is decoded once here and its pixels dropped (verify_image: JPEGs at 1/8 scale):
+    a truncated or corrupt file is rejected now, with its reason in "rejected" and so in the
+    report, instead of killing a DataLoader worker mid-training. The fingerprint is over paths,
+    sizes and mtimes (no content hash). A file that changes after this check still raises
+    ImageError naming it when it is read.
+    checked: a memo of an earlier check of this exact listing (parts["checked"], JSON-able),
+    used instead of decoding again.
     """
-    items, rejected = listing["items"], []
-    if settings["channels"] and settings["image_size"]:
-        channels, size = settings["channels"], tuple(settings["image_size"])
-    else:
+    limits = limits or DataLimits.from_env()
+    _check_class_count(listing, limits)
+    probes = _from_checked(checked, len(listing["items"]))
+    if probes is None:
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            probes, rejected = _probe_all(listing, pool)
-        channels, size = _choose_settings(probes, settings, listing["root"])
-        items = [it for it, p in zip(items, probes) if p is not None]
+            results, _ = _probe_all(listing, pool, check=verify_image, keep_errors=True)
+        checked = [{"reason": r.reason} if isinstance(r, ImageError) else [*r[0], r[1]] for r in results]
+        probes = _from_checked(checked, len(listing["items"]))
+    rejected = _skipped_rejects(listing) + [_reject(listing, item, c["reason"]) for item, c in
+                                            zip(listing["items"], checked) if isinstance(c, dict)]
+    channels, size = _choose_settings(probes, settings, listing["root"], limits)
+    items = [it for it, p in zip(listing["items"], probes) if p is not None]
     _check_class_dirs(listing, items, rejected)
     parts = _parts(listing, items, None, channels, size, rejected, settings)
     parts["extra"]["fingerprint_kind"] = "metadata"
     stats = [(_rel(listing, p), *_stat(p)) for _, _, p in listing["items"]]
     parts["fingerprint"] = settings_hash("folder-stream", stats, settings, channels, list(size))
+    parts["checked"] = checked
     return parts
+
+
+def _from_checked(checked, n: int) -> list | None:
+    """Memo entries ([H, W, gray] or {"reason"}) -> probes; None if absent or malformed."""
+    if not isinstance(checked, list) or len(checked) != n:
+        return None
+    try:
+        return [None if isinstance(c, dict) and isinstance(c["reason"], str)
+                else ((int(c[0]), int(c[1])), bool(c[2])) for c in checked]
+    except (TypeError, KeyError, IndexError, ValueError):
+        return None

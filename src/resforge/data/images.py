@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .paths import not_regular_reason
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
      ".ppm", ".pgm", ".pbm", ".pnm", ".jfif"}
@@ -70,14 +72,37 @@ def probe_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[tuple[in
         im.close()
 
 
+def verify_image(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[tuple[int, int], bool]:
+    """probe_image's answer after a full decode of the pixel data, which is then dropped, so a
+    truncated or corrupt file fails now. JPEGs decode at 1/8 scale (libjpeg's DCT scaling still
+    reads every coded block, so truncation is still found) to keep the check cheap."""
+    name = str(path)
+    im = _open(path, name)
+    try:
+        _check_pixels(im, name, max_pixels)
+        w, h = im.size
+        if _exif_orientation(im) in (5, 6, 7, 8):
+            w, h = h, w
+        gray = im.mode in GRAY_MODES
+        if im.format == "JPEG":
+            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+        _mode_to_uint8(_load_upright(im, name), name)   # what decode_image does, result dropped
+        return (h, w), gray
+    finally:
+        im.close()
+
+
 def _open(src, name: str) -> Image.Image:
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise ImageError(name, "empty data (0 bytes)")
         fp = io.BytesIO(src)
     else:
-        if not os.path.isfile(src):
+        if not os.path.lexists(src):
             raise ImageError(name, "file not found")
+        reason = not_regular_reason(src)     # never open a FIFO / device: it can block forever
+        if reason is not None:
+            raise ImageError(name, reason)
         if os.path.getsize(src) == 0:
             raise ImageError(name, "empty file (0 bytes): re-copy or delete it")
         fp = Path(src)

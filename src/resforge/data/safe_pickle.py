@@ -18,8 +18,9 @@ import pickle
 import numpy as np
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle asked for a global outside the allow-list; nothing was executed."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """The pickle asked for a global outside the allow-list; nothing was executed.
+    Also a ValueError: bad input, reported as one sentence by the CLI like any other."""
 
 
 def _np_core():

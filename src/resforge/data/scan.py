@@ -2,27 +2,41 @@
 
 Duplicates are exact: identical decoded uint8 pixels (after resizing/conversion) and, for
 file sources, identical file bytes. A duplicate group spanning train/val/test is leakage.
+
+Memory stays bounded for image folders: they are loaded as streamed bundles (file lists, every
+file decode-checked) and hashed one file at a time, so no (N, C, H, W) tensor is built; the
+fingerprint shown is then the streamed one (paths, sizes, mtimes).
 """
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
+from .cifar import looks_like_cifar
+from .images import ImageError, decode_image, resize_image
+from .paths import display_name
 from .sources import DataBundle, load_source
 
 
 def scan(spec, **load_kwargs) -> dict:
     """Load `spec` (or take a DataBundle) and report counts, rejects and duplicates."""
-    bundle = spec if isinstance(spec, DataBundle) else load_source(spec, **load_kwargs)
+    if isinstance(spec, DataBundle):
+        bundle = spec
+    else:
+        stream = _is_folder(spec) or load_kwargs.get("stream", False)
+        bundle = load_source(spec, **{**load_kwargs, "stream": stream})
     report = {
         "source": bundle.name, "fingerprint": bundle.fingerprint, "channels": bundle.channels,
         "image_size": list(bundle.image_size), "class_names": list(bundle.class_names),
         "counts": _counts(bundle), "rejected": list(bundle.rejected),
         "ignored": int(bundle.extra.get("ignored", 0)), "duplicates": {}, "leaks": {}}
     for kind, hasher in (("pixels", _pixel_hashes), ("files", _file_hashes)):
-        hashes = {s: hasher(sp) for s, sp in bundle.splits.items()}
+        hashes = {s: hasher(sp, bundle, report["rejected"]) for s, sp in bundle.splits.items()}
         hashes = {s: h for s, h in hashes.items() if h is not None}
         if hashes:
             within, across = _duplicates(bundle, hashes)
@@ -37,22 +51,47 @@ def _counts(bundle) -> dict:
             for s, sp in bundle.splits.items()}
 
 
-def _pixel_hashes(split) -> list[bytes] | None:
-    if split.images is None:
-        return None
-    return [hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest()
-            for img in split.images]                                    # img: (C, H, W)
+def _is_folder(spec) -> bool:
+    if not isinstance(spec, (str, os.PathLike)):
+        return False
+    path = Path(spec).expanduser()
+    return path.is_dir() and not looks_like_cifar(path)
 
 
-def _file_hashes(split) -> list[bytes] | None:
+def _pixel_hash(img: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest()
+
+
+def _pixel_hashes(split, bundle, rejected) -> list[bytes] | None:
+    if split.images is not None:
+        return [_pixel_hash(img) for img in split.images]               # img: (C, H, W)
     if split.files is None:
         return None
-    return [hashlib.blake2b(_read_bytes(f), digest_size=16).digest() for f in split.files]
+    resize = bundle.extra.get("resize", "shorter-center-crop")
+
+    def one(path):  # decode, resize and hash one file: only the thread pool's images in memory
+        try:
+            arr = resize_image(decode_image(path, bundle.channels), bundle.image_size, resize)
+        except ImageError as e:  # changed since the load's check: reported, hashed as unique
+            rejected.append({"path": display_name(e.path), "reason": display_name(e.reason)})
+            return hashlib.blake2b(str(path).encode("utf-8", "backslashreplace")).digest()
+        return _pixel_hash(arr.transpose(2, 0, 1))
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return list(pool.map(one, split.files))
 
 
-def _read_bytes(path) -> bytes:
+def _file_hashes(split, bundle=None, rejected=None) -> list[bytes] | None:
+    if split.files is None:
+        return None
+    return [_file_hash(f) for f in split.files]
+
+
+def _file_hash(path, chunk: int = 1 << 20) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
-        return f.read()
+        while block := f.read(chunk):
+            h.update(block)
+    return h.digest()
 
 
 def _duplicates(bundle, hashes: dict) -> tuple[dict, list]:

@@ -11,6 +11,7 @@ Internally every builder returns "parts": {"name", "class_names", "splits": {spl
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 
 from . import arrays, cache, cifar, folder
 from .images import RESIZE_MODES, convert_channels, resize_image
+from .limits import DataLimits
+from .paths import display_name, not_regular_reason
 
 SOURCE_VERSION = 1  # bump when decoding changes, so old cache entries are not reused
 
@@ -44,17 +47,23 @@ class DataBundle:
 
 
 def load_source(spec, *, image_size=None, channels=None, cache_dir=None, download=False,
-                data_root=None, stream=False, resize="shorter-center-crop") -> DataBundle:
+                data_root=None, stream=False, resize="shorter-center-crop",
+                limits: DataLimits | None = None) -> DataBundle:
     """Load a data source as uint8 (N, C, H, W) splits; see the module docstring for specs.
 
     image_size: (H, W) or int to resize to; channels: 1 or 3 to convert to; None keeps the
     source's own (folders: most common size; 1 channel only if every image is grayscale).
     stream: folders only, keep file lists instead of decoding (images=None).
+    limits: bounds on classes, image side and decoded bytes (limits.py; default from_env()).
+    A source must have at least two classes with items: a one-class "classifier" is refused.
     """
+    limits = limits or DataLimits.from_env()
     settings = _settings(image_size, channels, resize)
+    if settings["image_size"] is not None:
+        limits.check_side(settings["image_size"], "requested data.image_size")
     kind, path = _resolve(spec, data_root, download)
     if kind == "folder":
-        return _load_folder(path, settings, cache_dir, stream)
+        return _load_folder(path, settings, cache_dir, stream, limits)
     if stream:
         raise ValueError(f"stream=True is for image folders only; {spec!r} is a {kind} source "
                          "and is loaded into memory")
@@ -63,11 +72,23 @@ def load_source(spec, *, image_size=None, channels=None, cache_dir=None, downloa
     hit = cache.read_entry(cache_dir, fp)
     if hit is not None:
         return _from_cache(hit, fp)
-    parts = {"digits": lambda: arrays.digits_parts(), "npz": lambda: arrays.npz_parts(path),
+    parts = {"digits": lambda: arrays.digits_parts(), "npz": lambda: arrays.npz_parts(path, limits),
              "cifar": lambda: cifar.read_cifar(path)}[kind]()
     if kind == "cifar":
         parts["extra"] = {"path": str(path)}
-    return _store(_conform(parts, settings), fp, cache_dir)
+    check_classes(parts, str(path) if path is not None else kind, limits)
+    return _store(_conform(parts, settings, limits), fp, cache_dir)
+
+
+def check_classes(parts: dict, source: str, limits: DataLimits | None = None) -> None:
+    """A classifier needs >= 2 classes with items; one class would "train" to 100% and mean nothing."""
+    (limits or DataLimits.from_env()).check_classes(len(parts["class_names"]), source)
+    used = sorted({int(v) for p in parts["splits"].values() for v in np.unique(p["labels"])})
+    if len(used) < 2:
+        names = parts["class_names"]
+        what = f"only one class ({names[used[0]]!r})" if used else "no labelled items"
+        raise ValueError(f"{source}: {what}; a classifier needs at least 2 classes with images, "
+                         "so add the other classes (one folder or label per class)")
 
 
 def _settings(image_size, channels, resize) -> dict:
@@ -100,6 +121,9 @@ def _resolve(spec, data_root, download) -> tuple[str, Path | None]:
     if not path.exists():
         raise FileNotFoundError(f"data source {str(spec)!r} not found: expected 'digits', 'cifar10', "
                                 "'cifar100', or an existing .npz file, CIFAR archive or image folder")
+    odd = None if path.is_dir() else not_regular_reason(path)
+    if odd is not None:  # a FIFO / device source would block or never end when read
+        raise ValueError(f"data source {display_name(path)}: {odd}; pass a file, folder or data set name")
     if path.is_file() and path.suffix.lower() == ".npz":
         return "npz", path
     if cifar.looks_like_cifar(path):
@@ -123,17 +147,25 @@ def _content_hash(kind: str, path: Path | None, cache_dir) -> str:
     return cache.file_sha256(path, cache_dir)
 
 
-def _load_folder(path: Path, settings: dict, cache_dir, stream: bool) -> DataBundle:
+def _load_folder(path: Path, settings: dict, cache_dir, stream: bool, limits: DataLimits) -> DataBundle:
     listing = folder.list_tree(path)
-    if stream:
-        parts = folder.stream_tree(listing, settings)
+    if stream:  # every file was decode-checked once; the memo skips that for an unchanged tree
+        key = folder.listing_key(listing, {"version": SOURCE_VERSION, "kind": "checked"})
+        memo = cache.memo_get(cache_dir, key)
+        parts = folder.stream_tree(listing, settings, limits=limits,
+                                   checked=memo.get("checked") if memo else None)
+        if memo is None:
+            cache.memo_put(cache_dir, key, {"checked": parts["checked"]})
+        parts.pop("checked")
+        check_classes(parts, str(path), limits)
         return _bundle(parts, parts.pop("fingerprint"))
     key = folder.listing_key(listing, {**settings, "version": SOURCE_VERSION})
     memo = cache.memo_get(cache_dir, key)
     hit = cache.read_entry(cache_dir, memo["fingerprint"]) if memo else None
     if hit is not None:
         return _rebase(_from_cache(hit, memo["fingerprint"]), path)
-    parts = folder.decode_tree(listing, settings)
+    parts = folder.decode_tree(listing, settings, limits=limits)
+    check_classes(parts, str(path), limits)
     fp = cache.settings_hash("resforge-data", SOURCE_VERSION, parts.pop("fingerprint"))
     bundle = _store(parts, fp, cache_dir)
     cache.memo_put(cache_dir, key, {"fingerprint": fp})
@@ -148,15 +180,20 @@ def _rebase(bundle: DataBundle, root: Path) -> DataBundle:
             sp.files = [str(root / i) for i in sp.ids]
     for r in bundle.rejected:
         if "id" in r:
-            r["path"] = str(root / r["id"])
+            r["path"] = display_name(root / r["id"])
     return bundle
 
 
-def _conform(parts: dict, settings: dict) -> dict:
+def _conform(parts: dict, settings: dict, limits: DataLimits) -> dict:
     """Apply requested channels / image_size to array sources (uint8 N, C, H, W)."""
+    size, channels = settings["image_size"], settings["channels"]
+    if size is not None or channels is not None:
+        n = sum(len(p["images"]) for p in parts["splits"].values())
+        _, c, h, w = next(iter(parts["splits"].values()))["images"].shape
+        limits.check_bytes(n * (channels or c) * math.prod(size or (h, w)),
+                           f"{parts['name']} at {channels or c}x{(size or (h, w))[0]}x{(size or (h, w))[1]}")
     for split in parts["splits"].values():
-        split["images"] = conform_images(split["images"], settings["channels"],
-                                         settings["image_size"], settings["resize"])
+        split["images"] = conform_images(split["images"], channels, size, settings["resize"])
     return parts
 
 
