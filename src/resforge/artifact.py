@@ -92,8 +92,10 @@ class _Check:
     def real(self, value, field: str, lo: float, hi: float) -> float:
         if not _is_real(value):
             self.fail(field, f"must be a number, {_found(value)}")
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             self.fail(field, f"is {value}, not a finite number")
+        if abs(value) > 1e300:          # a 400-digit integer: float() of it would overflow
+            self.fail(field, f"is {_show(value)}, far out of range")
         if not lo <= value <= hi:
             self.fail(field, f"is {value}, outside [{lo:g}, {hi:g}]")
         return float(value)
@@ -122,8 +124,8 @@ def _is_real(v) -> bool:
 
 
 def _kind(v) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-            type(None): "null"}.get(type(v), f"a {type(v).__name__}")
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), f"a {type(v).__name__}")
 
 
 def _found(v) -> str:
@@ -131,6 +133,8 @@ def _found(v) -> str:
 
 
 def _show(v) -> str:
+    if v is None:
+        return "null"
     text = repr(v)
     return f"{_kind(v)} {text if len(text) <= 60 else text[:57] + '...'}"
 
@@ -193,7 +197,7 @@ def _validate_model(c: _Check, meta: dict) -> None:
     if out is not None:
         shape = c.items(c.obj(out, "output").get("shape"), "output.shape", 2)
         if shape[1] != k:
-            c.fail("output.shape", f"says {_show(shape[1])} logits but there are {k} classes")
+            c.fail("output.shape", f"says {shape[1]!r:.40} logits but there are {k} classes")
 
 
 def _validate_preprocessing(c: _Check, meta: dict, required_resize: bool) -> None:
@@ -201,7 +205,8 @@ def _validate_preprocessing(c: _Check, meta: dict, required_resize: bool) -> Non
 
     ch = meta["model"]["in_chans"]
     size = c.items(meta.get("input_size"), "input_size", 3)
-    c.integer(size[0], "input_size[0] (channels)", ch, ch)
+    if size[0] != ch or not _is_int(size[0]):
+        c.fail("input_size[0] (channels)", f"is {size[0]!r:.40} but model.in_chans is {ch}")
     side = limit("max_input_side")
     for i, what in ((1, "height"), (2, "width")):
         if _is_int(size[i]) and size[i] > side:
@@ -244,10 +249,11 @@ def parse_meta_text(text: str | bytes, source, kind: str) -> dict:
     return validate_meta(meta, source, kind)
 
 
-def read_sidecar(weights: Path, blob: bytes | None = None) -> dict | None:
+def read_sidecar(weights: Path, blob: bytes | None = None, *, required: bool = False) -> dict | None:
     """The validated sidecar of a resforge checkpoint; None when there is no resforge sidecar
     (none at all, or a JSON file of someone else's). `blob`: the weights file's bytes if read
-    already (its sha256 is checked against the sidecar's)."""
+    already (its sha256 is checked against the sidecar's). required: the weights say resforge
+    wrote them, so a JSON file beside them must be a sound sidecar."""
     weights = Path(weights)
     sidecar = weights.with_suffix(".json")
     if not sidecar.is_file():
@@ -259,8 +265,10 @@ def read_sidecar(weights: Path, blob: bytes | None = None) -> dict | None:
         c.fail("the sidecar", f"is not valid JSON ({str(e)[:120]})")
     except OSError as e:
         c.fail("the sidecar", f"cannot be read ({e.strerror or e})")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not required and not (isinstance(meta, dict) and meta.get("format") == FORMAT):
         return None
+    if not isinstance(meta, dict):
+        c.fail("the sidecar", f"must be a JSON object, {_found(meta)}")
     want = meta.get("weights_sha256")
     if isinstance(want, str):       # a torn pair first: the most likely cause of any mismatch
         got = hashlib.sha256(blob if blob is not None else weights.read_bytes()).hexdigest()
@@ -313,6 +321,35 @@ def check_outputs(run: Callable[[np.ndarray], np.ndarray], meta: dict, source, k
                               "for one image")
     if not np.isfinite(y).all():
         c.fail("the weights", "give non-finite logits (NaN or inf) for a blank image")
+
+
+def check_finite_onnx(path) -> None:
+    """Every float initializer of an ONNX file is finite. (A probe alone is not enough:
+    onnxruntime's kernels can turn a NaN weight into finite but wrong logits.)"""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:          # onnxruntime without onnx: the probe in check_outputs remains
+        return
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 — protobuf's DecodeError and friends
+        _Check(path, "onnx").fail("the file", f"is not an ONNX model ({type(e).__name__})")
+    for t in proto.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+            if not np.isfinite(numpy_helper.to_array(t)).all():
+                _Check(path, "onnx").fail(f"initializer {t.name}", "holds NaN or inf")
+
+
+def check_finite_torchscript(module, path) -> None:
+    """Every float tensor of a TorchScript module (parameters, or constants once frozen) is finite."""
+    tensors = dict(module.state_dict())
+    for node in module.graph.nodes():
+        if node.kind() == "prim::Constant" and node.output().type().kind() == "TensorType":
+            tensors[f"constant %{node.output().debugName()}"] = node.output().toIValue()
+    bad = nonfinite_tensor(tensors)
+    if bad is not None:
+        _Check(path, "torchscript").fail(f"tensor {bad}", "holds NaN or inf")
 
 
 def check_graph(inputs: list, outputs: list, meta: dict, source) -> None:
@@ -374,7 +411,7 @@ def load_state(path) -> dict:
     """last.state.pt -> the resume state, read with torch.load(weights_only=True) (no code runs)
     and checked to have the layout training/loop.py writes."""
     path = Path(path)
-    state = read_torch_file(path, what="resume state", fix=REMEDY["state"])
+    state = read_torch_file(path, what="resume state", fix=REMEDY["state"].capitalize() + ".")
     validate_state(state, path)
     return state
 

@@ -65,6 +65,7 @@ class TorchScriptBackend:
             except RuntimeError as e:      # not a TorchScript archive, truncated, ...
                 raise _unloadable(path, self.name, e) from None
         self.meta = _parse_meta(extra[META_FILE], path, self.name)
+        artifact.check_finite_torchscript(self.module, path)
         artifact.check_outputs(self, self.meta, path, self.name)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -94,6 +95,7 @@ class OnnxBackend:
         self.meta = _parse_meta(custom.get(META_KEY, ""), path, self.name)
         artifact.check_graph([i.shape for i in self.session.get_inputs()],
                              [o.shape for o in self.session.get_outputs()], self.meta, path)
+        artifact.check_finite_onnx(path)
         artifact.check_outputs(self, self.meta, path, self.name)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

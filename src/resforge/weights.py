@@ -72,7 +72,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if _is_safetensors(path):
         blob = path.read_bytes()
         obj = _read_safetensors(path, blob)
-        sidecar = read_sidecar(path, blob)          # validated; None: not a resforge checkpoint
+        sidecar = read_sidecar(path, blob, required=_written_by_resforge(blob))   # None: not ours
     else:
         obj = read_torch_file(path)
     state_dict, extra = _unwrap(obj, path)
@@ -95,6 +95,17 @@ def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _written_by_resforge(blob: bytes) -> bool:
+    """Whether the safetensors header carries the metadata checkpoint.save_checkpoint writes."""
+    import json
+    try:
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + min(n, 100_000_000)])
+        return header.get("__metadata__", {}).get("resforge") == "resforge-checkpoint"
+    except (ValueError, AttributeError, RecursionError):
+        return False
 
 
 def _read_safetensors(path: Path, blob: bytes) -> dict[str, torch.Tensor]:
