@@ -81,7 +81,10 @@ def test_safetensors_with_sidecar(tmp_path):
         "class_names": list("abcdefghij"), "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3})
     read, meta, fmt = read_state_dict(tmp_path / "best.safetensors")
     assert fmt == "resforge" and meta["epoch"] == 3 and read.keys() == sd.keys()
-    (tmp_path / "best.json").write_text(json.dumps({"name": "someone else's JSON"}))   # not ours: ignored
+    (tmp_path / "best.json").write_text(json.dumps({"name": "someone else's JSON"}))
+    with pytest.raises(WeightsError, match="best.json: format is null"):   # resforge wrote these weights
+        read_state_dict(tmp_path / "best.safetensors")
+    save_file(sd, str(tmp_path / "best.safetensors"))                       # someone else's: JSON ignored
     assert read_state_dict(tmp_path / "best.safetensors")[1:] == ({}, "state_dict")
     (tmp_path / "best.json").unlink()
     assert read_state_dict(tmp_path / "best.safetensors")[1:] == ({}, "state_dict")
