@@ -176,7 +176,7 @@ def test_parity_failures_are_loud(tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "_open", lambda path, fmt: (lambda a: eager(a) + 1.0))
     out = tmp_path / "bad.onnx"
     with pytest.raises(ExportError, match="the artifact was not written"):
-        export_model(model, _meta("tiny", 8, k=4), "onnx", out, inputs=x)
+        export_model(model, _meta("resnet20", 8, k=4), "onnx", out, inputs=x)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

@@ -73,11 +73,19 @@ def test_torchvision_file_in_container_with_module_prefix(tmp_path):
 
 
 def test_safetensors_with_sidecar(tmp_path):
-    sd = create_model("resnet20").state_dict()
-    save_file(sd, str(tmp_path / "best.safetensors"))
-    (tmp_path / "best.json").write_text(json.dumps({"format": "resforge-checkpoint", "epoch": 3}))
+    from resforge.checkpoint import save_checkpoint
+    model = create_model("resnet20")
+    sd = model.state_dict()
+    save_checkpoint(tmp_path / "best", model, {
+        "model": {"name": "resnet20", "num_classes": 10, "in_chans": 3, "kwargs": {}}, "epoch": 3,
+        "class_names": list("abcdefghij"), "input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3})
     read, meta, fmt = read_state_dict(tmp_path / "best.safetensors")
     assert fmt == "resforge" and meta["epoch"] == 3 and read.keys() == sd.keys()
+    (tmp_path / "best.json").write_text(json.dumps({"name": "someone else's JSON"}))
+    with pytest.raises(WeightsError, match="best.json: format is null"):   # resforge wrote these weights
+        read_state_dict(tmp_path / "best.safetensors")
+    save_file(sd, str(tmp_path / "best.safetensors"))                       # someone else's: JSON ignored
+    assert read_state_dict(tmp_path / "best.safetensors")[1:] == ({}, "state_dict")
     (tmp_path / "best.json").unlink()
     assert read_state_dict(tmp_path / "best.safetensors")[1:] == ({}, "state_dict")
 

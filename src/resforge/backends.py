@@ -6,16 +6,19 @@
 
 Every backend carries `meta` (class names, input size, mean/std, resize mode, metrics, ...),
 read from the checkpoint sidecar or from the metadata embedded in the artifact, so callers
-preprocess exactly as the model was trained (see infer.Preprocess).
+preprocess exactly as the model was trained (see infer.Preprocess). That meta is validated
+when the artifact is opened, and one blank input must give finite (1, K) logits
+(resforge.artifact): a bad artifact is refused at load, never answered with garbage.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from resforge import artifact
 
 BACKENDS = ("torch", "torchscript", "onnx")
 EXPORT_SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript"}
@@ -57,8 +60,13 @@ class TorchScriptBackend:
         self.device = torch.device(device)
         with warnings.catch_warnings():     # torch>=2.9 marks torch.jit deprecated; it still works
             warnings.simplefilter("ignore", DeprecationWarning)
-            self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra)
-        self.meta = _parse_meta(extra[META_FILE], path)
+            try:
+                self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra)
+            except RuntimeError as e:      # not a TorchScript archive, truncated, ...
+                raise _unloadable(path, self.name, e) from None
+        self.meta = _parse_meta(extra[META_FILE], path, self.name)
+        artifact.check_finite_torchscript(self.module, path)
+        artifact.check_outputs(self, self.meta, path, self.name)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
@@ -78,21 +86,35 @@ class OnnxBackend:
         if threads:
             opts.intra_op_num_threads = int(threads)
         opts.log_severity_level = 3  # warnings about unused initialisers etc. are noise here
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 — onnxruntime raises its own, unexported exception types
+            raise _unloadable(path, self.name, e) from None
         self.input_name = self.session.get_inputs()[0].name
         custom = self.session.get_modelmeta().custom_metadata_map
-        self.meta = _parse_meta(custom.get(META_KEY, ""), path)
+        self.meta = _parse_meta(custom.get(META_KEY, ""), path, self.name)
+        artifact.check_graph([i.shape for i in self.session.get_inputs()],
+                             [o.shape for o in self.session.get_outputs()], self.meta, path)
+        artifact.check_finite_onnx(path)
+        artifact.check_outputs(self, self.meta, path, self.name)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         return self.session.run(None, {self.input_name: x})[0]
 
 
-def _parse_meta(text: str | bytes, path) -> dict:
+def _unloadable(path, fmt: str, e: Exception) -> artifact.ArtifactError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return artifact.ArtifactError(f"{path}: not a loadable {fmt} model ({first}); "
+                                  f"{artifact.REMEDY[fmt]}")
+
+
+def _parse_meta(text: str | bytes, path, fmt: str) -> dict:
     if not text:
-        raise ValueError(f"{path} carries no resforge metadata ({META_KEY}): it was not written by "
-                         "`resforge export`; export the run again with `resforge export RUN`")
-    return json.loads(text)
+        raise artifact.ArtifactError(f"{path} carries no resforge metadata ({META_KEY}): it was not "
+                                     "written by `resforge export`; export the run again with "
+                                     "`resforge export RUN`")
+    return artifact.parse_meta_text(text, path, fmt)
 
 
 def artifact_format(path: str | Path) -> str | None:

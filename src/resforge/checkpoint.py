@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -24,11 +25,25 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from resforge import __version__
+from resforge import artifact
+from resforge.artifact import FORMAT, FORMAT_VERSION, ArtifactError  # noqa: F401 (re-exported)
 from resforge.weights import WeightsError, guess_architecture, load_weights, read_state_dict
 
-FORMAT = "resforge-checkpoint"
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# Every file resforge writes gets the mode open() would give it (0666 less the umask), not
+# mkstemp's private 0600: checkpoints, configs and reports of a run share one policy.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _umask() -> int:
+    """The process umask now (Linux reports it; elsewhere the one at import)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return _UMASK
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -39,6 +54,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -84,7 +100,8 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The resume state, read without running code and checked (artifact.load_state)."""
+    return artifact.load_state(path)
 
 
 def resolve_weights(source: str | Path, which: str = "best") -> Path:
@@ -103,22 +120,14 @@ def resolve_weights(source: str | Path, which: str = "best") -> Path:
 
 
 def read_meta(path: Path) -> dict:
-    """The sidecar of a resforge checkpoint, verified against its weights file."""
-    path = Path(path)
-    sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
-        return {}
-    meta = json.loads(sidecar.read_text())
-    want = meta.get("weights_sha256")
-    if want and hashlib.sha256(path.read_bytes()).hexdigest() != want:
-        raise WeightsError(f"{path} does not match its sidecar {sidecar.name} (sha256 differs): "
-                           "the pair was torn or edited; use the other checkpoint (last/best) of the run")
-    return meta
+    """The sidecar of a resforge checkpoint, verified against its weights file and validated
+    (artifact.read_sidecar); {} when the weights have none."""
+    return artifact.read_sidecar(Path(path)) or {}
 
 
 def default_meta_for(model: nn.Module, fmt: str, class_names: list[str] | None, in_chans: int) -> dict:
     """Preprocessing for third-party weights: both torchvision/timm and the akamaster CIFAR
-    nets were trained on ImageNet-normalised inputs."""
+    nets were trained on ImageNet-normalised inputs. The meta says it was assumed."""
     cfg = model.default_cfg
     k = model.fc.out_features if hasattr(model, "fc") else None
     mean = IMAGENET_MEAN if in_chans == 3 else [sum(IMAGENET_MEAN) / 3] * in_chans
@@ -126,7 +135,9 @@ def default_meta_for(model: nn.Module, fmt: str, class_names: list[str] | None, 
     return {"model": {"name": cfg["arch"], "num_classes": k, "in_chans": in_chans, "kwargs": {}},
             "class_names": class_names or [str(i) for i in range(k)],
             "input_size": [in_chans, *cfg["input_size"][1:]], "mean": mean, "std": std,
-            "source_format": fmt}
+            "source_format": fmt,
+            "preprocessing": {"assumed": True, "why": "the weights file has no resforge sidecar",
+                              "mean": mean, "std": std, "resize": "shorter-center-crop"}}
 
 
 def load_for_inference(source, *, model_name: str | None = None, num_classes: int | None = None,
@@ -135,28 +146,61 @@ def load_for_inference(source, *, model_name: str | None = None, num_classes: in
     """Build the model a weights file describes and load it, in eval mode on `device`.
 
     resforge checkpoints carry everything; third-party files (torchvision/timm ImageNet
-    ResNets, the akamaster CIFAR ResNets) need `model_name` unless their keys identify it."""
-    from resforge.models import create_model
+    ResNets, the akamaster CIFAR ResNets) need `model_name` unless their keys identify it.
+    Either way the result is proven to fit its meta (artifact.check_outputs) before it is
+    returned: a bad artifact fails here, not on the first image."""
     path = resolve_weights(source)
-    sd, meta, fmt = read_state_dict(path)
+    sd, meta, fmt = read_state_dict(path)          # a resforge sidecar comes back validated
     if fmt == "resforge":
-        meta = read_meta(path)
         m = meta["model"]
         if model_name and model_name != m["name"]:
             raise WeightsError(f"{path} holds a {m['name']}, not a {model_name}: drop --model "
                                f"or pass weights of a {model_name}")
-        model = create_model(m["name"], num_classes=m["num_classes"], in_chans=m["in_chans"], **m.get("kwargs", {}))
-        load_weights(model, sd)
-        return model.to(device).eval(), meta
-    name = model_name or guess_architecture(sd)
-    if name is None:
-        raise WeightsError(f"cannot tell which architecture {path} holds: pass --model NAME "
-                           "(see `resforge models`)")
-    file_classes = sd["fc.weight"].shape[0] if "fc.weight" in sd else None
-    k = num_classes or file_classes
-    c = in_chans or (sd["conv1.weight"].shape[1] if "conv1.weight" in sd else 3)
-    model = create_model(name, num_classes=k, in_chans=c)
+        model = _build(path, m["name"], m["num_classes"], m["in_chans"], m.get("kwargs", {}), sd, "checkpoint")
+    else:
+        name = model_name or guess_architecture(sd)
+        if name is None:
+            raise WeightsError(f"cannot tell which architecture {path} holds: pass --model NAME "
+                               "(see `resforge models`)")
+        file_classes = sd["fc.weight"].shape[0] if "fc.weight" in sd else None
+        k = num_classes or file_classes
+        c = in_chans or (sd["conv1.weight"].shape[1] if "conv1.weight" in sd else 3)
+        if class_names is not None and len(class_names) != k:
+            raise WeightsError(f"{path} has {k} outputs but {len(class_names)} class names were given")
+        most = artifact.limit("max_classes")
+        if k is not None and not 1 <= k <= most or not 1 <= c <= artifact.MAX_IN_CHANS:
+            raise ArtifactError(f"{path}: {k} classes and {c} input channels are outside 1..{most} and "
+                                f"1..{artifact.MAX_IN_CHANS}; {artifact.REMEDY['weights']}")
+        model = _build(path, name, k, c, {}, sd, "weights")
+        meta = artifact.validate_meta({**default_meta_for(model, fmt, class_names, c), "weights": str(path)},
+                                      path, "weights")
+        log.warning("%s has no resforge sidecar: assuming ImageNet preprocessing (mean %s, std %s, "
+                    "%dx%d); predictions are only right if the model was trained so", path,
+                    _short(meta["mean"]), _short(meta["std"]), *meta["input_size"][1:])
+    model = model.to(device).eval()
+    artifact.check_outputs(lambda x: _run(model, x), meta, path, "checkpoint" if fmt == "resforge" else "weights")
+    return model, meta
+
+
+def _short(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
+
+
+def _build(path: Path, name: str, k: int, c: int, kwargs: dict, sd: dict, kind: str) -> nn.Module:
+    """The registry model loaded with `sd`; a builder's complaint about the recorded settings
+    becomes an ArtifactError about the file."""
+    from resforge.models import create_model
+    try:
+        model = create_model(name, num_classes=k, in_chans=c, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: model {name} cannot be built from model.kwargs {kwargs} ({e}); "
+                            f"{artifact.REMEDY[kind]}") from None
     load_weights(model, sd)
-    if class_names is not None and len(class_names) != k:
-        raise WeightsError(f"{path} has {k} outputs but {len(class_names)} class names were given")
-    return model.to(device).eval(), {**default_meta_for(model, fmt, class_names, c), "weights": str(path)}
+    return model
+
+
+def _run(model: nn.Module, x):
+    p = next(model.parameters(), None)
+    t = torch.from_numpy(x).to(p.device if p is not None else "cpu")
+    with torch.inference_mode():
+        return model(t).float().cpu().numpy()

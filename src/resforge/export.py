@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from resforge import __version__
+from resforge.artifact import validate_meta
 from resforge.backends import EXPORT_SUFFIX, META_FILE, META_KEY, missing_extra
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ N_SAMPLES = 64         # 1 + 15 (parity batch) + 48 (held-out batch)
 ONNX_OPSET = 17
 # What a consumer needs to run the artifact; the full training config stays in the run folder.
 _META_KEYS = ("model", "class_names", "input_size", "mean", "std", "metrics", "epoch",
-              "resforge_version", "data", "split_hash", "source_format")
+              "resforge_version", "data", "split_hash", "source_format", "preprocessing")
 
 
 class ExportError(ValueError):
@@ -103,6 +104,7 @@ def export_model(model: torch.nn.Module, meta: dict, format: str, out: str | Pat
     _check_format(format)
     t0 = time.perf_counter()
     out = Path(out)
+    artifact_meta = validate_meta(export_meta(meta, format), f"the metadata for {out}", format)
     model = model.eval().float().to("cpu", memory_format=torch.contiguous_format)
     if inputs is None:
         inputs, origin = _random_inputs(meta, N_SAMPLES), "random inputs"
@@ -110,7 +112,6 @@ def export_model(model: torch.nn.Module, meta: dict, format: str, out: str | Pat
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         example = torch.from_numpy(inputs[:2].copy())     # batch 2: a traced batch of 1 may specialise
-        artifact_meta = export_meta(meta, format)
         (_write_onnx if format == "onnx" else _write_torchscript)(model, example, tmp, artifact_meta)
         diff, limit, agree = check_parity(model, _open(tmp, format), inputs, atol)
         os.replace(tmp, out)                                # only a checked artifact gets the name

@@ -77,6 +77,8 @@ def _new_report(results: dict, meta: dict, class_names: list[str], extra: dict) 
     if clash:
         raise ValueError(f"split names {clash} collide with report fields {[*_RESERVED, *extra]}")
     report = {"resforge_version": _version(), "model": meta["model"], "class_names": class_names}
+    if meta.get("preprocessing"):       # third-party weights: the statistics were assumed
+        report["preprocessing"] = meta["preprocessing"]
     report.update(extra)
     report.update(results)
     report["splits"] = _ordered(results)

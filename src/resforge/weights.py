@@ -11,7 +11,6 @@ Formats recognised (`fmt`):
 """
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import pickletools
@@ -67,22 +66,26 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    from resforge.artifact import check_weights, nonfinite_tensor, read_sidecar
+
+    sidecar = None
     if _is_safetensors(path):
-        obj, meta = _read_safetensors(path), {}
-        sidecar = path.with_suffix(".json")
-        if sidecar.is_file():
-            try:
-                meta = json.loads(sidecar.read_text())
-            except json.JSONDecodeError as e:
-                raise WeightsError(f"{sidecar}: invalid JSON sidecar ({e})") from None
+        blob = path.read_bytes()
+        obj = _read_safetensors(path, blob)
+        sidecar = read_sidecar(path, blob, required=_written_by_resforge(blob))   # None: not ours
     else:
-        obj, meta = _read_torch(path), {}
+        obj = read_torch_file(path)
     state_dict, extra = _unwrap(obj, path)
-    meta = {**extra, **meta}
     state_dict, fmt = normalize_state_dict(state_dict)
-    if meta.get("format") == "resforge-checkpoint":
-        fmt = "resforge"
-    return state_dict, meta, fmt
+    bad = nonfinite_tensor(state_dict)
+    if bad is not None:
+        raise WeightsError(f"{path}: tensor {bad} holds NaN or inf, so every prediction would be "
+                           "NaN; use an earlier checkpoint of the run (training diverged or the file "
+                           "was damaged)")
+    if sidecar is not None:
+        check_weights(state_dict, sidecar, path)
+        return state_dict, sidecar, "resforge"
+    return state_dict, extra, fmt
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -94,34 +97,48 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _written_by_resforge(blob: bytes) -> bool:
+    """Whether the safetensors header carries the metadata checkpoint.save_checkpoint writes."""
+    import json
     try:
-        return load_file(str(path), device="cpu")
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + min(n, 100_000_000)])
+        return header.get("__metadata__", {}).get("resforge") == "resforge-checkpoint"
+    except (ValueError, AttributeError, RecursionError):
+        return False
+
+
+def _read_safetensors(path: Path, blob: bytes) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    try:
+        return load(blob)
     except SafetensorError as e:
         raise WeightsError(f"{path}: not a valid safetensors file ({e})") from None
 
 
-def _read_torch(path: Path) -> Any:
+_CONVERT = ("If you trust the file, convert it to .safetensors in a separate environment "
+            "(torch.load(..., weights_only=False), then safetensors.torch.save_file(state_dict, "
+            "'weights.safetensors')) and load that instead.")
+
+
+def read_torch_file(path: Path, *, what: str = "PyTorch weights file", fix: str = _CONVERT) -> Any:
+    """torch.load(weights_only=True) with one clear WeightsError instead of torch's traceback
+    (which advises weights_only=False: exactly what must not be done with a stranger's file)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         imports = _pickle_imports(path)
         if not imports:  # torch could not even parse it as a pickle
-            raise WeightsError(f"{path}: not a readable PyTorch weights file "
-                               f"({str(e).strip()[:200]})") from None
+            raise WeightsError(f"{path}: not a readable {what} ({str(e).strip()[:200]})") from None
         shown = [n for n in imports if not n.startswith(("torch.", "collections."))] or imports
         shown = list(dict.fromkeys(shown))[:3]
         raise UnsafeWeightsError(
             f"refusing to load {path}: it is a pickle that contains Python objects beyond tensors "
             f"(it would import {', '.join(shown)}). Loading it could run arbitrary code, so it "
-            f"will not be executed. If you trust the file, convert it to .safetensors in a separate "
-            f"environment (torch.load(..., weights_only=False), then safetensors.torch.save_file("
-            f"state_dict, 'weights.safetensors')) and load that instead.") from None
+            f"will not be executed. {fix}") from None
     except Exception as e:  # zip framing errors, truncated files, ...
-        raise WeightsError(f"{path}: not a readable PyTorch weights file "
-                           f"({type(e).__name__}: {e})") from None
+        raise WeightsError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from None
 
 
 def _pickle_imports(path: Path) -> list[str]:

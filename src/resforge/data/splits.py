@@ -165,16 +165,9 @@ def save_manifest(path, manifest: dict) -> None:
 
 
 def load_manifest(path) -> dict:
-    try:
-        m = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read split manifest ({e})") from None
-    if not isinstance(m, dict) or not isinstance(m.get("splits"), dict):
-        raise ValueError(f"{path}: not a split manifest (no 'splits' mapping)")
-    if m.get("hash") != manifest_hash(m["splits"]):
-        raise ValueError(f"{path}: split manifest hash does not match its splits (edited by hand?); "
-                         "re-save it with save_manifest or make a new one")
-    return m
+    """Read and validate a manifest (types, hash): resforge.artifact.read_manifest."""
+    from resforge.artifact import read_manifest
+    return read_manifest(path)
 
 
 # ---------------------------------------------------------------- subsets

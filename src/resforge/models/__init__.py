@@ -65,6 +65,35 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int = 3,
     return model
 
 
+# Builder settings a checkpoint may record as model.kwargs (what api.build_model and the
+# fine-tuner write), per builder module. Nothing else ever reaches a builder from a file:
+# not `pretrained` (a path), not `arch`, not a setting resforge never records.
+_RECORDED_SETTINGS = {
+    "resforge.models.cifar_resnet": ("drop_rate", "shortcut"),
+    "resforge.models.resnet": ("drop_rate", "small_input"),
+    "resforge.models.fastnet": ("drop_rate",),
+}
+_SETTING_VALUES = {  # setting -> (is the value allowed?, what is allowed)
+    "drop_rate": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                  "a number in [0, 1)"),
+    "shortcut": (lambda v: isinstance(v, str) and v in ("A", "B"), "'A' or 'B'"),
+    "small_input": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_settings(name: str, kwargs: Mapping[str, Any]) -> str | None:
+    """Why `kwargs` are not builder settings a stored `name` model may carry; None if they are."""
+    allowed = _RECORDED_SETTINGS.get(_builder(name).__module__, ())
+    for key, value in kwargs.items():
+        if key not in allowed:
+            return (f"has {key!r}, which is not a setting a {name} checkpoint may carry "
+                    f"(allowed: {', '.join(allowed) or 'none'})")
+        ok, wanted = _SETTING_VALUES[key]
+        if not ok(value):
+            return f"has {key}={value!r:.60}; it must be {wanted}"
+    return None
+
+
 def model_info(name: str) -> dict[str, Any]:
     """Facts about an architecture at its default settings, without allocating its weights."""
     with torch.device("meta"):  # shapes only: no memory, no init cost
