@@ -106,8 +106,8 @@ def test_save_csv_and_json(fake_loader, image_dir, tmp_path):
     rows = predict("run", [image_dir], topk=3, out=out_csv)
     with open(out_csv, newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0].keys()) == ["path", "top1_label", "top1_prob", "label_2", "prob_2",
-                                     "label_3", "prob_3", "error"]
+    assert list(table[0].keys()) == ["path", "top1_label", "top1_prob", "top2_label", "top2_prob",
+                                     "top3_label", "top3_prob", "error"]
     assert [t["path"] for t in table] == [r["path"] for r in rows]
     red = next(t for t in table if t["path"].endswith("a_red.png"))
     assert red["top1_label"] == "red" and float(red["top1_prob"]) > 0.9 and red["error"] == ""

@@ -178,6 +178,26 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
+_SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)(?<!\bsec)(?<!\bcf)\.\s+(?=[A-Z(])")
+
+
+def recipe_summary(text: str) -> str:
+    """A recipe's one-line description: the first sentence of its leading comment paragraph
+    (comment lines up to the first blank comment line or the first YAML line)."""
+    para = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line.lstrip("#").strip()
+        if not body:
+            if para:
+                break
+            continue
+        para.append(body)
+    joined = " ".join(para)
+    return _SENTENCE_END.split(joined, maxsplit=1)[0].rstrip(".") + "." if joined else ""
+
+
 def _suggest(key: str, options) -> str:
     close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else ""
@@ -461,7 +481,7 @@ def _check_strings(cfg: RunConfig) -> None:
     if name is not None and (name in (".", "..") or "/" in name or "\\" in name):
         raise ConfigError(f"train.name={name!r} must be a single folder name (it is created under train.project)")
     try:
-        from resforge.training.device import one_device
+        from resforge.training.device_names import one_device
         one_device(cfg.train.device)
     except ValueError as e:
         raise ConfigError(f"train.{e}") from None
@@ -519,7 +539,7 @@ def _check_combinations(cfg: RunConfig) -> None:
         if size is not None and v > size:
             raise ConfigError(f"{key}={v} is larger than the images (data.image_size={size})")
     if t.precision == "fp16":
-        from resforge.training.device import parse_device
+        from resforge.training.device_names import parse_device
         if parse_device(t.device)[0] in ("cpu", "mps"):
             raise ConfigError(f"train.precision=fp16 needs a CUDA device (train.device={t.device}): use bf16 or fp32")
 
