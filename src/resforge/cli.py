@@ -83,8 +83,9 @@ def _eval(a) -> int:
 def _predict(a) -> int:
     from resforge.infer import format_predictions, predict, save_predictions
     from resforge.training.device import select_device
+    device = select_device(a.device)
     _check_weights_name(a.source, "SOURCE")
-    rows = predict(a.source, a.inputs, topk=a.topk, batch_size=a.batch_size, device=select_device(a.device),
+    rows = predict(a.source, a.inputs, topk=a.topk, batch_size=a.batch_size, device=device,
                    model_name=a.model, workers=a.workers, threads=a.threads)
     print(format_predictions(rows))
     if a.out:
@@ -202,7 +203,8 @@ def _add_finetune(sub) -> None:
                                    "akamaster CIFAR ResNet; new head for the data's classes. Report rows: (a) prototype "
                                    "head, (b) linear probe, (c) the policy, on the same test split. Any config key can "
                                    "be overridden as key=value (finetune.bn=freeze-stats, finetune.input_size=128, ...).")
-    f.add_argument("--from", dest="source", required=True, metavar="RUN_OR_WEIGHTS")
+    f.add_argument("--from", dest="source", required=True, metavar="RUN_OR_WEIGHTS",
+                   help="run folder or local weights file to start from (required)")
     f.add_argument("--policy", default=None, help="linear-probe | last-stages:K | stages:A,B | full | gradual | bitfit | lora "
                                                   "(default: the recipe's finetune.policy)")
     lr = sub.add_parser("lr-find", help="learning-rate range test: plot and suggested optim.lr",

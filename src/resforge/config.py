@@ -264,7 +264,9 @@ def _coerce(value: Any, hint, key: str):
                 raise ConfigError(f"config key '{key}' expects a list, e.g. [0.5, 0.75], got {value!r}") from None
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
-        (inner, *_) = typing.get_args(hint) or (Any,)
+        (inner, *rest) = typing.get_args(hint) or (Any,)
+        if origin is tuple and Ellipsis not in rest and len(value) != 1 + len(rest):
+            raise ConfigError(f"config key '{key}' expects {1 + len(rest)} values, e.g. [0.35, 1.0], got {value!r}")
         items = [_coerce(v, inner, key) if inner is not Any else v for v in value]
         return tuple(items) if origin is tuple else items
     if hint is bool:
@@ -501,6 +503,7 @@ def _check_strings(cfg: RunConfig) -> None:
 TORCHVISION_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet34": "resnet34-b627a593.pth",
                      "resnet50": "resnet50-0676ba61.pth", "resnet101": "resnet101-63fe2227.pth",
                      "resnet152": "resnet152-394f9c45.pth"}
+_MODEL_NAME = re.compile(r"(resnet|resnext|wide_resnet|plain|airbench)[0-9][a-z0-9_]*")
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".safetensors", ".ckpt", ".tar", ".npz")
 
 
@@ -508,12 +511,14 @@ def check_weights_path(value: str, key: str) -> None:
     """A bare model name where a weights file belongs (model.pretrained=resnet18): resforge never
     downloads, so say where the file comes from and how to pass it.  Paths are checked later."""
     p = Path(value)
-    if p.exists() or "/" in value or "\\" in value or p.suffix.lower() in _WEIGHT_SUFFIXES:
+    if (p.exists() or "/" in value or "\\" in value or p.suffix.lower() in _WEIGHT_SUFFIXES
+            or not _MODEL_NAME.fullmatch(value.lower())):
         return
-    file = TORCHVISION_FILES.get(value.lower(), f"{value.lower()}-<hash>.pth")
-    raise ConfigError(f"{key}={value!r} is a name, not a file: resforge needs a local weights file and never "
-                      f"downloads; fetch e.g. https://download.pytorch.org/models/{file} on a connected machine, "
-                      f"then pass its path (model.pretrained=PATH, or resforge finetune --from PATH)")
+    file = TORCHVISION_FILES.get(value.lower())
+    where = (f"fetch https://download.pytorch.org/models/{file} (torchvision's ImageNet weights) on a connected "
+             "machine, then pass" if file else "pass")
+    raise ConfigError(f"{key}={value!r} is a model name, not a file: resforge needs a local weights file and never "
+                      f"downloads; {where} its path (model.pretrained=PATH, or resforge finetune --from PATH)")
 
 
 def _check_combinations(cfg: RunConfig) -> None:
@@ -521,11 +526,8 @@ def _check_combinations(cfg: RunConfig) -> None:
     if t.fit_budget and not t.max_seconds:
         raise ConfigError("train.fit_budget=true sizes the schedule to train.max_seconds: set it too "
                           "(e.g. train.max_seconds=2400 for 40 minutes)")
-    lo, hi = a.rrc_scale
-    if lo > hi:
+    if a.rrc_scale[0] > a.rrc_scale[1]:
         raise ConfigError(f"aug.rrc_scale={_show(a.rrc_scale)}: the minimum comes first ([min, max], e.g. [0.35, 1.0])")
-    if len(a.rrc_scale) != 2:
-        raise ConfigError(f"aug.rrc_scale={_show(a.rrc_scale)}: give two numbers [min, max]")
     if list(o.milestones) != sorted(o.milestones):
         raise ConfigError(f"optim.milestones={_show(o.milestones)} must be in increasing order")
     if o.milestone_unit == "fraction" and any(m > 1 for m in o.milestones):
