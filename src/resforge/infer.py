@@ -137,7 +137,7 @@ def save_predictions(rows: list[dict], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", newline="")
         os.replace(tmp, path)  # atomic: no half-written file if interrupted
     finally:
         tmp.unlink(missing_ok=True)
@@ -318,7 +318,9 @@ def _rows_to_csv(rows: list[dict]) -> str:
     for i in range(1, k + 1):
         head += [f"top{i}_label", f"top{i}_prob"]
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    # RFC 4180 line ends: with "\n" alone the writer leaves a CR inside a cell unquoted, and readers
+    # then split that row in two.
+    writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(head + ["error"])
     for r in rows:
         cells = []

@@ -104,7 +104,9 @@ def choose_threads(requested: int | None = None) -> int:
     """The CPU thread count to train/evaluate with.  requested: a count, or None = RESFORGE_THREADS
     if set, else auto: the usable cores that are not already busy (1-minute load average), at
     least 1, at most what torch was set to before (OMP_NUM_THREADS, or a caller's
-    torch.set_num_threads, e.g. the degradation experiment's per-job share).  Why not one per core:
+    torch.set_num_threads, e.g. the degradation experiment's per-job share); under
+    train.deterministic (torch.use_deterministic_algorithms) auto is that ceiling, not load-dependent,
+    so a rerun or a resume splits its sums the same way.  Why not one per core:
     OpenMP threads spin-wait for each other, so with a second CPU-bound process on a 2-core
     machine ResNet-20 trained at 129 img/s on 2 threads vs 297 on 1 (377/494 when idle)."""
     global _ceiling
@@ -120,6 +122,8 @@ def choose_threads(requested: int | None = None) -> int:
     current = torch.get_num_threads()
     if _ceiling is None or current != _last_set:     # set by someone else since: that is the ceiling now
         _ceiling = current
+    if torch.are_deterministic_algorithms_enabled():
+        return _ceiling          # train.deterministic: a rerun must not change its reductions with the load
     free = usable_cores() - int(busy_cores() + 0.5)
     return max(1, min(_ceiling, free))
 
