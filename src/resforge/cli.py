@@ -16,9 +16,7 @@
 
 Failures expected in use (a bad option or value, a missing or unreadable file, a full disk) are
 one line on stderr naming the file or value and what to do; `--debug` (or RESFORGE_DEBUG=1) shows
-the traceback instead.  Exit codes (EXIT_CODES): 0 done; 1 predict read none of its files;
-2 usage or input error (option, config value, data, weights); 3 operating-system error (disk full,
-no permission, I/O error); 4 out of memory; 130 interrupted (Ctrl-C).
+the traceback instead.  Exit codes: EXIT_CODES below (also in `resforge --help`).
 """
 from __future__ import annotations
 
@@ -38,8 +36,10 @@ SHORTCUTS = {"data": "data.source", "model": "model.name", "epochs": "train.epoc
              "name": "train.name", "project": "train.project", "seed": "train.seed",
              "pretrained": "model.pretrained", "threads": "train.threads"}
 
-EXIT_CODES = {"ok": 0, "no file predicted": 1, "usage or input error": 2, "operating-system error": 3,
-              "out of memory": 4, "interrupted": 130}
+EXIT_CODES = {0: "done", 1: "predict read none of its files",
+              2: "usage or input error (option, config value, data, weights)",
+              3: "operating-system error (disk full, no permission, I/O error)", 4: "out of memory",
+              130: "interrupted (Ctrl-C)"}
 
 
 def _train(a) -> int:
@@ -59,22 +59,23 @@ def _source(a) -> str:
     src = a.weights or a.source
     if not src:
         raise ValueError("name the model to use: a run folder or weights file (SOURCE or --weights)")
-    _check_weights_name(src, "SOURCE")
+    _check_weights_name(src, "SOURCE", f"resforge {a.command} PATH ...")
     return src
 
 
-def _check_weights_name(value: str | None, what: str) -> None:
+def _check_weights_name(value: str | None, what: str, use: str) -> None:
     """`--from resnet18`: a model name where a local weights file belongs -> where to get one."""
     if value:
         from resforge.config import check_weights_path
-        check_weights_path(value, what)
+        check_weights_path(value, what, use)
 
 
 def _eval(a) -> int:
-    from resforge import api
+    source = _source(a)
     if a.threads is not None:            # api.evaluate's runtime reads it (training/device.py)
         os.environ["RESFORGE_THREADS"] = str(a.threads)
-    api.evaluate(_source(a), data=a.data, splits=a.split or ["test"], tta=a.tta, model=a.model,
+    from resforge import api
+    api.evaluate(source, data=a.data, splits=a.split or ["test"], tta=a.tta, model=a.model,
                  batch_size=a.batch_size, out_dir=a.out, device=a.device, data_root=a.data_root,
                  download=a.download)
     return 0
@@ -84,7 +85,7 @@ def _predict(a) -> int:
     from resforge.infer import format_predictions, predict, save_predictions
     from resforge.training.device import select_device
     device = select_device(a.device)
-    _check_weights_name(a.source, "SOURCE")
+    _check_weights_name(a.source, "SOURCE", "resforge predict PATH FILES...")
     rows = predict(a.source, a.inputs, topk=a.topk, batch_size=a.batch_size, device=device,
                    model_name=a.model, workers=a.workers, threads=a.threads)
     print(format_predictions(rows))
@@ -158,7 +159,7 @@ def _add_experiment(sub) -> None:
                                     "unfinished runs, skips finished ones), then write degradation.png/.md/.json "
                                     "and grad_norms.png under PROJECT/degradation-NAME/.")
     g.add_argument("--depths", default="20,56", help="comma list of depths 6n+2 (default 20,56)")
-    g.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (default: the recipe's)")
+    g.add_argument("--epochs", type=_count, default=None, help="override the recipe's epochs (default: the recipe's)")
     g.add_argument("--seeds", default="1", help="N (seeds 0..N-1) or a comma list, e.g. 0,1,2")
     g.add_argument("--recipe", default="he2016-cifar10-short", help="he2016-cifar10-short | he2016-cifar10 | path")
     g.add_argument("--name", default=None, help="experiment name (default: the recipe name)")
@@ -184,14 +185,14 @@ def _ft_overrides(a) -> list[str]:
 
 def _finetune(a) -> int:
     from resforge import api
-    _check_weights_name(a.source, "--from")
+    _check_weights_name(a.source, "--from", f"resforge {a.command} --from PATH, or model.pretrained=PATH")
     api.finetune(a.source, data=a.data, policy=a.policy, recipe=a.recipe, overrides=_ft_overrides(a), model=a.model)
     return 0
 
 
 def _lr_find(a) -> int:
     from resforge import api
-    _check_weights_name(a.source, "--from")
+    _check_weights_name(a.source, "--from", f"resforge {a.command} --from PATH, or model.pretrained=PATH")
     api.lr_find(a.source, data=a.data, policy=a.policy, recipe=a.recipe, overrides=_ft_overrides(a),
                 model=a.model, start=a.start_lr, end=a.end_lr, steps=a.steps, out=a.out)
     return 0
@@ -318,8 +319,7 @@ THREADS_HELP = "CPU threads (default: auto: the cores not already busy, from the
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="resforge", description="Train, fine-tune, evaluate and serve ResNets.",
-                epilog="Exit codes: 0 done, 1 predict read none of its files, 2 usage or input error, "
-                       "3 operating-system error (disk full, permission, I/O), 4 out of memory, 130 interrupted.")
+                epilog="Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + ".")
     p.add_argument("--version", action="version", version=f"resforge {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -404,8 +404,9 @@ def explain(exc: BaseException, args=None) -> tuple[int, str] | None:
     """(exit code, one sentence) for a failure expected in use; None for a bug (traceback)."""
     if isinstance(exc, KeyboardInterrupt):
         return 130, "interrupted"
-    if isinstance(exc, MemoryError):
-        return 4, ("out of memory: use a smaller train.batch_size / --batch-size (and eval_batch_size), a smaller "
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":   # torch's GPU OOM too
+        where = "GPU memory" if type(exc).__name__ == "OutOfMemoryError" else "memory"
+        return 4, (f"out of {where}: use a smaller train.batch_size / --batch-size (and eval_batch_size), a smaller "
                    "data.image_size, or data.stream=true for sets larger than RAM")
     if isinstance(exc, pickle.UnpicklingError):
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -507,7 +507,8 @@ _MODEL_NAME = re.compile(r"(resnet|resnext|wide_resnet|plain|airbench)[0-9][a-z0
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".safetensors", ".ckpt", ".tar", ".npz")
 
 
-def check_weights_path(value: str, key: str) -> None:
+def check_weights_path(value: str, key: str,
+                       use: str = "model.pretrained=PATH, or resforge finetune --from PATH") -> None:
     """A bare model name where a weights file belongs (model.pretrained=resnet18): resforge never
     downloads, so say where the file comes from and how to pass it.  Paths are checked later."""
     p = Path(value)
@@ -518,7 +519,7 @@ def check_weights_path(value: str, key: str) -> None:
     where = (f"fetch https://download.pytorch.org/models/{file} (torchvision's ImageNet weights) on a connected "
              "machine, then pass" if file else "pass")
     raise ConfigError(f"{key}={value!r} is a model name, not a file: resforge needs a local weights file and never "
-                      f"downloads; {where} its path (model.pretrained=PATH, or resforge finetune --from PATH)")
+                      f"downloads; {where} its path ({use})")
 
 
 def _check_combinations(cfg: RunConfig) -> None:
