@@ -40,6 +40,8 @@ EXIT_CODES = {0: "done", 1: "predict read none of its files",
               2: "usage or input error (option, config value, data, weights)",
               3: "operating-system error (disk full, no permission, I/O error)", 4: "out of memory",
               130: "interrupted (Ctrl-C)"}
+MODEL_HELP = "architecture, for third-party weights (default: the one the checkpoint names)"
+THREADS_HELP = "CPU threads (default: auto: the cores not already busy, from the load average)"
 
 
 def _train(a) -> int:
@@ -220,9 +222,10 @@ def _add_finetune(sub) -> None:
     lr.add_argument("--steps", type=_count, default=100)
     lr.add_argument("--out", default=None, help="output folder (default: PROJECT/lr-find)")
     for q, fn in ((f, _finetune), (lr, _lr_find)):
-        q.add_argument("--data", default=None, help="data source (.npz, folder, cifar10, ...) (default: the recipe's data.source)")
+        q.add_argument("--data", default=None,
+                       help="data source (.npz, folder, cifar10, ...) (default: the recipe's data.source)")
         q.add_argument("--recipe", default="finetune", help="recipe name or YAML path (default: finetune)")
-        q.add_argument("--model", default=None, help="architecture, for third-party weights (checked for checkpoints; default: from the weights)")
+        q.add_argument("--model", default=None, help=MODEL_HELP + " (checked for checkpoints)")
         for k in FT_SHORTCUTS:
             q.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None,
                            help=f"= {FT_SHORTCUTS[k]} (default: the recipe's; see `resforge config`)")
@@ -260,7 +263,7 @@ def _add_deploy(sub) -> None:
     x.add_argument("--out", default=None, help="output file (default: next to the weights, .onnx/.torchscript)")
     x.add_argument("--samples", nargs="+", default=None, metavar="PATH",
                    help="images for the parity check (default: the run's own held-out data)")
-    x.add_argument("--model", default=None, help="architecture, for third-party weights (default: from the checkpoint)")
+    x.add_argument("--model", default=None, help=MODEL_HELP)
     x.set_defaults(fn=_export)
 
     v = sub.add_parser("serve", help="HTTP inference service with a web page (needs resforge[serve])")
@@ -269,7 +272,7 @@ def _add_deploy(sub) -> None:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--backend", choices=["auto", "torch", "onnx", "torchscript"], default="auto",
                    help="auto: what the source is (weights -> torch, .onnx -> onnx)")
-    v.add_argument("--model", default=None, help="architecture, for third-party weights (default: from the checkpoint)")
+    v.add_argument("--model", default=None, help=MODEL_HELP)
     v.add_argument("--max-batch", type=_count, default=32, help="micro-batch size limit (1 = no batching)")
     v.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up")
     v.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit, in MB")
@@ -314,9 +317,6 @@ def _count(text: str) -> int:
     return n
 
 
-THREADS_HELP = "CPU threads (default: auto: the cores not already busy, from the load average)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="resforge", description="Train, fine-tune, evaluate and serve ResNets.",
                 epilog="Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + ".")
@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     for k in SHORTCUTS:
         t.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None,
                        help=f"= {SHORTCUTS[k]} (default: the recipe's; see `resforge config`)")
-    t.add_argument("--resume", default=None, metavar="RUN", help="continue an interrupted run folder (default: start a new run)")
+    t.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue an interrupted run folder (default: start a new run)")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.set_defaults(fn=_train)
 
@@ -339,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("source", nargs="?", help="run folder, resforge checkpoint, or torchvision/timm/akamaster weights")
     e.add_argument("--weights", default=None, help="same as SOURCE (default: SOURCE)")
     e.add_argument("--data", default=None, help="data source (default: the run's own)")
-    e.add_argument("--model", default=None, help="architecture, for third-party weights, e.g. resnet56 (default: from the checkpoint)")
+    e.add_argument("--model", default=None, help=MODEL_HELP + ", e.g. resnet56")
     e.add_argument("--split", action="append", help="split(s) to evaluate (default test; repeatable)")
     e.add_argument("--tta", action="store_true", help="test-time augmentation (flip + shifts)")
     e.add_argument("--batch-size", type=_count, default=512)
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("inputs", nargs="+", help="image files and/or folders")
     r.add_argument("--topk", type=_count, default=5, help="labels per file")
     r.add_argument("--batch-size", type=_count, default=64)
-    r.add_argument("--model", default=None, help="architecture, for third-party weights (default: from the checkpoint)")
+    r.add_argument("--model", default=None, help=MODEL_HELP)
     r.add_argument("--device", default="auto", help="auto | cpu | mps | cuda | cuda:N | N")
     r.add_argument("--threads", type=_count, default=None, help=THREADS_HELP)
     r.add_argument("--out", default=None, help="write predictions to .csv or .json (default: print only)")

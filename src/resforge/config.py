@@ -606,8 +606,8 @@ def describe_keys(section: str | None = None) -> str:
     for s in [section] if section else SECTIONS:
         cls = type(getattr(RunConfig(), s))
         hints = typing.get_type_hints(cls)
-        out.append(f"{s}:" + (f"  {cls.__doc__.strip()}" if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(")
-                              else ""))
+        own_doc = cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(")    # not dataclass's generated one
+        out.append(f"{s}:" + (f"  {cls.__doc__.strip()}" if own_doc else ""))
         for name in _section_fields(s):
             default = yaml.safe_dump(defaults[s][name], default_flow_style=True).strip().removesuffix("\n...").strip()
             key = f"{s}.{name}"
