@@ -39,8 +39,14 @@ SHORTCUTS = {"data": "data.source", "model": "model.name", "epochs": "train.epoc
 EXIT_CODES = {0: "done", 1: "predict read none of its files",
               2: "usage or input error (option, config value, data, weights)",
               3: "operating-system error (disk full, no permission, I/O error)", 4: "out of memory",
-              130: "interrupted (Ctrl-C)"}
+              130: "interrupted (Ctrl-C)", 141: "output pipe closed (e.g. resforge predict ... | head)"}
 MODEL_HELP = "architecture, for third-party weights (default: the one the checkpoint names)"
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1..65535)")
+    return int(text)
+
+
 THREADS_HELP = "CPU threads (default: auto: the cores not already busy, from the load average)"
 
 
@@ -269,7 +275,7 @@ def _add_deploy(sub) -> None:
     v = sub.add_parser("serve", help="HTTP inference service with a web page (needs resforge[serve])")
     v.add_argument("source", help="run folder, weights file, or an exported .onnx/.torchscript")
     v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=_port, default=8000, help="TCP port to listen on")
     v.add_argument("--backend", choices=["auto", "torch", "onnx", "torchscript"], default="auto",
                    help="auto: what the source is (weights -> torch, .onnx -> onnx)")
     v.add_argument("--model", default=None, help=MODEL_HELP)
