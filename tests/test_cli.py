@@ -241,3 +241,13 @@ def test_debug_flag_and_env_show_the_traceback(monkeypatch):
     monkeypatch.setenv("RESFORGE_DEBUG", "1")
     with pytest.raises(OSError):
         main(["config"])
+
+
+def test_os_error_without_a_file_name_names_the_folder_written_to(monkeypatch, tmp_path, capsys):
+    import resforge.api
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")      # what f.write raises: no filename
+    monkeypatch.setattr(resforge.api, "train", full)
+    assert main(["train", "--project", str(tmp_path / "runs")]) == 3
+    assert f"writing under {tmp_path / 'runs'}: No space left on device: free some" in capsys.readouterr().err

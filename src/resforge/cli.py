@@ -58,6 +58,7 @@ def _train(a) -> int:
     recipe = a.recipe or ("default" if a.data else "digits")
     # Resolved (and validated) before torch is imported: a bad value is reported at once.
     config = None if a.resume else load_config(recipe, overrides)
+    a.writes_to = a.resume or (config.train.project if config else None)    # named by an OSError without a file
     from resforge import api
     api.train(None if a.resume else recipe, overrides, resume=a.resume, config=config)
     return 0
@@ -425,7 +426,8 @@ def explain(exc: BaseException, args=None) -> tuple[int, str] | None:
         return 2, text
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
         name = " ".join(str(f) for f in (exc.filename, exc.filename2) if f)
-        what = f"{name}: " if name else ""
+        folder = getattr(args, "writes_to", None) or getattr(args, "out", None)
+        what = f"{name}: " if name else (f"writing under {folder}: " if folder else "")
         reason = exc.strerror or str(exc) or type(exc).__name__
         if exc.errno in _INPUT_ERRNOS:
             return 2, f"{what}{reason}"
