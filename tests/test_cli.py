@@ -124,6 +124,7 @@ def _cli(args, cwd, env=None):
     (["train", "--help"], 0, "(default: the recipe's"),
     (["predict"], 2, "the following arguments are required"),
     (["eval", "x", "--batch-size", "0"], 2, "must be at least 1"),
+    (["predict", "run", "x.png", "--device", "gpu0"], 2, "device='gpu0' is not one of auto, cpu, mps"),
     (["train", "--device", "banana", "optim.lr=0.1"], 2, "train.device='banana' is not one of auto, cpu, mps"),
     (["train", "optim.lr=-1"], 2, "optim.lr=-1.0 is out of range"),
     (["train", "--batch-size", "0"], 2, "train.batch_size=0 is out of range"),

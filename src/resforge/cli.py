@@ -79,22 +79,30 @@ def _check_weights_name(value: str | None, what: str, use: str) -> None:
         check_weights_path(value, what, use)
 
 
+def _device(text: str) -> str:
+    """--device checked before torch loads (a typo is reported at once); hardware checks come later."""
+    from resforge.training.device_names import one_device
+    one_device(text)
+    return text
+
+
 def _eval(a) -> int:
-    source = _source(a)
+    source, device = _source(a), _device(a.device)
     if a.threads is not None:            # api.evaluate's runtime reads it (training/device.py)
         os.environ["RESFORGE_THREADS"] = str(a.threads)
     from resforge import api
     api.evaluate(source, data=a.data, splits=a.split or ["test"], tta=a.tta, model=a.model,
-                 batch_size=a.batch_size, out_dir=a.out, device=a.device, data_root=a.data_root,
+                 batch_size=a.batch_size, out_dir=a.out, device=device, data_root=a.data_root,
                  download=a.download)
     return 0
 
 
 def _predict(a) -> int:
+    _device(a.device)
+    _check_weights_name(a.source, "SOURCE", "resforge predict PATH FILES...")
     from resforge.infer import format_predictions, predict, save_predictions
     from resforge.training.device import select_device
     device = select_device(a.device)
-    _check_weights_name(a.source, "SOURCE", "resforge predict PATH FILES...")
     rows = predict(a.source, a.inputs, topk=a.topk, batch_size=a.batch_size, device=device,
                    model_name=a.model, workers=a.workers, threads=a.threads)
     print(format_predictions(rows))
