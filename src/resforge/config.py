@@ -599,17 +599,21 @@ def _type_name(hint) -> str:
 
 
 def describe_keys(section: str | None = None) -> str:
-    """The `resforge config` listing: per section, each key with its type, default and help."""
+    """The `resforge config` listing: per section, each key with its type, default, help and the
+    range validate() holds it to."""
     if section is not None and section not in SECTIONS:
         raise ConfigError(f"unknown section '{section}'.{_suggest(section, SECTIONS)} Sections: {', '.join(SECTIONS)}")
-    helps, defaults, out = field_help(), RunConfig().to_dict(), []
+    helps, defaults, rows = field_help(), RunConfig().to_dict(), []
     for s in [section] if section else SECTIONS:
         cls = type(getattr(RunConfig(), s))
-        hints = typing.get_type_hints(cls)
         own_doc = cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(")    # not dataclass's generated one
-        out.append(f"{s}:" + (f"  {cls.__doc__.strip()}" if own_doc else ""))
+        rows.append((f"{s}:" + (f"  {cls.__doc__.strip()}" if own_doc else ""),))
+        hints = typing.get_type_hints(cls)
         for name in _section_fields(s):
-            default = yaml.safe_dump(defaults[s][name], default_flow_style=True).strip().removesuffix("\n...").strip()
             key = f"{s}.{name}"
-            out.append(f"  {key:<28} {_type_name(hints[name]):<13} {default:<12} {helps.get(key, '')}")
-    return "\n".join(out)
+            default = yaml.safe_dump(defaults[s][name], default_flow_style=True).strip().removesuffix("\n...").strip()
+            limit = f" (allowed: {_range_text(*RANGES[key])})" if key in RANGES else ""
+            rows.append((f"  {key}", _type_name(hints[name]), default, helps.get(key, "") + limit))
+    widths = [max(len(r[i]) for r in rows if len(r) > 1) for i in range(3)]
+    return "\n".join(r[0] if len(r) == 1 else "  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[3]])
+                     for r in rows)
