@@ -199,7 +199,7 @@ _VALUES = st.one_of(
                      "2020-01-01", "'quoted'", "[[1]]", "~"]))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.tuples(st.sampled_from(_KEYS), _VALUES), min_size=1, max_size=3))
 def test_random_overrides_raise_nothing_but_config_error(pairs):
     try:

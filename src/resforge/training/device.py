@@ -108,7 +108,7 @@ def choose_threads(requested: int | None = None) -> int:
     train.deterministic (torch.use_deterministic_algorithms) auto is that ceiling, not load-dependent,
     so a rerun or a resume splits its sums the same way.  Why not one per core:
     OpenMP threads spin-wait for each other, so with a second CPU-bound process on a 2-core
-    machine ResNet-20 trained at 129 img/s on 2 threads vs 297 on 1 (377/494 when idle)."""
+    machine ResNet-20 trained at 129 img/s on 2 threads vs 297 on 1 (376/494 when idle)."""
     global _ceiling
     env = os.environ.get("RESFORGE_THREADS", "").strip()
     if requested is None and env:                    # the environment's form of --threads
