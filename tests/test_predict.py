@@ -106,8 +106,8 @@ def test_save_csv_and_json(fake_loader, image_dir, tmp_path):
     rows = predict("run", [image_dir], topk=3, out=out_csv)
     with open(out_csv, newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0].keys()) == ["path", "top1_label", "top1_prob", "label_2", "prob_2",
-                                     "label_3", "prob_3", "error"]
+    assert list(table[0].keys()) == ["path", "top1_label", "top1_prob", "top2_label", "top2_prob",
+                                     "top3_label", "top3_prob", "error"]
     assert [t["path"] for t in table] == [r["path"] for r in rows]
     red = next(t for t in table if t["path"].endswith("a_red.png"))
     assert red["top1_label"] == "red" and float(red["top1_prob"]) > 0.9 and red["error"] == ""
@@ -129,3 +129,33 @@ def test_all_files_fail(fake_loader, tmp_path):
     header = (tmp_path / "p.csv").read_text().splitlines()[0]
     assert header == "path,top1_label,top1_prob,error"
     assert "1 files, 1 errors" in format_predictions(rows)
+
+
+def _row(path, labels, error=None):
+    probs = [0.7, 0.2, 0.1][:len(labels)]
+    return {"path": path, "topk": [{"label": lab, "prob": p} for lab, p in zip(labels, probs)], "error": error}
+
+
+def test_table_shows_control_characters_escaped_one_row_per_line():
+    rows = [_row("a.png", ["two\nlines", "tab\there", "esc\x1b[31m"]), _row("b\n.png", [], error="bad\rfile")]
+    table = format_predictions(rows)
+    lines = table.splitlines()
+    assert len(lines) == 1 + len(rows) + 1                      # header, one line per row, summary
+    assert "two\\nlines 70.0%" in lines[1] and "tab\\there" in lines[1] and "esc\\x1b[31m" in lines[1]
+    assert lines[2].startswith("b\\n.png") and "bad\\rfile" in lines[2]
+
+
+def test_csv_cells_cannot_run_as_spreadsheet_formulas(tmp_path):
+    evil = ["=cmd|' /C calc'!A0", "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx", "fine=ok"]
+    rows = [_row("=HYPERLINK(\"http://x\")", evil[:3]), _row("@x.png", evil[3:6]), _row("ok.png", evil[6:]),
+            _row("bad.png", [], error="=1+1")]
+    out = save_predictions(rows, tmp_path / "p.csv")
+    with open(out, newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["path", "top1_label", "top1_prob", "top2_label", "top2_prob", "top3_label", "top3_prob", "error"]
+    cells = [c for row in table[1:] for c in row if c]
+    dangerous = [c for c in cells if c[0] in "=+-@\t\r"]
+    assert not dangerous
+    assert table[1][0] == "'=HYPERLINK(\"http://x\")" and table[1][1] == "'=cmd|' /C calc'!A0"
+    assert table[3][1] == "fine=ok" and table[4][-1] == "'=1+1"
+    assert json.loads(save_predictions(rows, tmp_path / "p.json").read_text()) == rows   # JSON keeps values

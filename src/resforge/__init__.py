@@ -11,14 +11,23 @@ The Python API that the ``resforge`` CLI is a thin layer over::
 """
 __version__ = "0.1.0"
 
-from resforge.models import create_model, list_models, model_info  # noqa: E402,F401
+# Every public name loads on first use, so `import resforge` (and `resforge --help`, which
+# needs only __version__) does not pay torch's ~1-10 s import.
+_LAZY = {"train": "resforge.api", "evaluate": "resforge.api", "predict": "resforge.api",
+         "scan": "resforge.api", "load_config": "resforge.api",
+         "create_model": "resforge.models", "list_models": "resforge.models", "model_info": "resforge.models"}
 
-_API = ("train", "evaluate", "predict", "scan", "load_config")
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name):
-    # The API loads lazily so `import resforge` stays cheap (no data/plotting imports).
-    if name in _API:
-        from resforge import api
-        return getattr(api, name)
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value            # later look-ups skip this hook
+        return value
     raise AttributeError(f"module 'resforge' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

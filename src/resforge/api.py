@@ -154,7 +154,7 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     else:
         cfg = config or load_config(recipe, overrides)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    rt = make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last)
+    rt = make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last, cfg.train.threads)
     bundle, manifest = prepare_data(cfg, manifest)
     model, model_kwargs, pre = build_model(cfg, len(bundle.class_names), bundle.channels)
     mean, std = (pre["mean"], pre["std"]) if pre.get("mean") else channel_stats(bundle)

@@ -9,15 +9,24 @@
     resforge models
     resforge data scan SRC
     resforge recipes
+    resforge config [--section train]
     resforge finetune --from RUN_OR_WEIGHTS --data SRC [--policy POLICY] [--recipe R] [key=value ...]
     resforge lr-find [--from RUN_OR_WEIGHTS] [--data SRC] [--policy POLICY] [key=value ...]
     resforge experiment degradation [--depths 20,56] [--epochs N] [--seeds S] [--jobs N] [--report] [key=value ...]
+
+Failures expected in use (a bad option or value, a missing or unreadable file, a full disk) are
+one line on stderr naming the file or value and what to do; `--debug` (or RESFORGE_DEBUG=1) shows
+the traceback instead.  Exit codes: EXIT_CODES below (also in `resforge --help`).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import pickle
 import sys
+import textwrap
 from pathlib import Path
 
 from resforge import __version__
@@ -25,16 +34,33 @@ from resforge import __version__
 SHORTCUTS = {"data": "data.source", "model": "model.name", "epochs": "train.epochs",
              "batch_size": "train.batch_size", "lr": "optim.lr", "device": "train.device",
              "name": "train.name", "project": "train.project", "seed": "train.seed",
-             "pretrained": "model.pretrained"}
+             "pretrained": "model.pretrained", "threads": "train.threads"}
+
+EXIT_CODES = {0: "done", 1: "predict read none of its files",
+              2: "usage or input error (option, config value, data, weights)",
+              3: "operating-system error (disk full, no permission, I/O error)", 4: "out of memory",
+              130: "interrupted (Ctrl-C)", 141: "output pipe closed (e.g. resforge predict ... | head)"}
+MODEL_HELP = "architecture, for third-party weights (default: the one the checkpoint names)"
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1..65535)")
+    return int(text)
+
+
+THREADS_HELP = "CPU threads (default: auto: the cores not already busy, from the load average)"
 
 
 def _train(a) -> int:
-    from resforge import api
+    from resforge.config import load_config
     overrides = [f"{SHORTCUTS[k]}={v}" for k, v in vars(a).items() if k in SHORTCUTS and v is not None]
     overrides += a.overrides
     # No recipe: the embedded digits set when no data is named, else the general default.
     recipe = a.recipe or ("default" if a.data else "digits")
-    api.train(None if a.resume else recipe, overrides, resume=a.resume)
+    # Resolved (and validated) before torch is imported: a bad value is reported at once.
+    config = None if a.resume else load_config(recipe, overrides)
+    a.writes_to = a.resume or (config.train.project if config else None)    # named by an OSError without a file
+    from resforge import api
+    api.train(None if a.resume else recipe, overrides, resume=a.resume, config=config)
     return 0
 
 
@@ -42,22 +68,43 @@ def _source(a) -> str:
     src = a.weights or a.source
     if not src:
         raise ValueError("name the model to use: a run folder or weights file (SOURCE or --weights)")
+    _check_weights_name(src, "SOURCE", f"resforge {a.command} PATH ...")
     return src
 
 
+def _check_weights_name(value: str | None, what: str, use: str) -> None:
+    """`--from resnet18`: a model name where a local weights file belongs -> where to get one."""
+    if value:
+        from resforge.config import check_weights_path
+        check_weights_path(value, what, use)
+
+
+def _device(text: str) -> str:
+    """--device checked before torch loads (a typo is reported at once); hardware checks come later."""
+    from resforge.training.device_names import one_device
+    one_device(text)
+    return text
+
+
 def _eval(a) -> int:
+    source, device = _source(a), _device(a.device)
+    if a.threads is not None:            # api.evaluate's runtime reads it (training/device.py)
+        os.environ["RESFORGE_THREADS"] = str(a.threads)
     from resforge import api
-    api.evaluate(_source(a), data=a.data, splits=a.split or ["test"], tta=a.tta, model=a.model,
-                 batch_size=a.batch_size, out_dir=a.out, device=a.device, data_root=a.data_root,
+    api.evaluate(source, data=a.data, splits=a.split or ["test"], tta=a.tta, model=a.model,
+                 batch_size=a.batch_size, out_dir=a.out, device=device, data_root=a.data_root,
                  download=a.download)
     return 0
 
 
 def _predict(a) -> int:
+    _device(a.device)
+    _check_weights_name(a.source, "SOURCE", "resforge predict PATH FILES...")
     from resforge.infer import format_predictions, predict, save_predictions
-    rows = predict(a.source, a.inputs, topk=a.topk, batch_size=a.batch_size,
-                   device=None if a.device == "auto" else a.device, model_name=a.model,
-                   workers=a.workers)
+    from resforge.training.device import select_device
+    device = select_device(a.device)
+    rows = predict(a.source, a.inputs, topk=a.topk, batch_size=a.batch_size, device=device,
+                   model_name=a.model, workers=a.workers, threads=a.threads)
     print(format_predictions(rows))
     if a.out:
         print(f"saved: {save_predictions(rows, a.out)}")
@@ -87,10 +134,17 @@ def _scan(a) -> int:
 
 
 def _recipes(a) -> int:
-    from resforge.config import RECIPE_DIR, list_recipes
+    from resforge.config import RECIPE_DIR, list_recipes, recipe_summary
     for r in list_recipes():
-        first = (RECIPE_DIR / f"{r}.yaml").read_text().splitlines()[0].lstrip("# ")
-        print(f"{r:<22} {first}")
+        text = recipe_summary((RECIPE_DIR / f"{r}.yaml").read_text(encoding="utf-8"))
+        print(textwrap.fill(text, width=110, initial_indent=f"{r:<22} ", subsequent_indent=" " * 23))
+    return 0
+
+
+def _config(a) -> int:
+    from resforge.config import describe_keys
+    print(describe_keys(a.section))
+    print("\nSet any key as key=value after a command (train optim.lr=0.05), or in a recipe YAML.")
     return 0
 
 
@@ -122,13 +176,13 @@ def _add_experiment(sub) -> None:
                                     "unfinished runs, skips finished ones), then write degradation.png/.md/.json "
                                     "and grad_norms.png under PROJECT/degradation-NAME/.")
     g.add_argument("--depths", default="20,56", help="comma list of depths 6n+2 (default 20,56)")
-    g.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    g.add_argument("--epochs", type=_count, default=None, help="override the recipe's epochs (default: the recipe's)")
     g.add_argument("--seeds", default="1", help="N (seeds 0..N-1) or a comma list, e.g. 0,1,2")
     g.add_argument("--recipe", default="he2016-cifar10-short", help="he2016-cifar10-short | he2016-cifar10 | path")
     g.add_argument("--name", default=None, help="experiment name (default: the recipe name)")
     g.add_argument("--project", default="runs")
-    g.add_argument("--data-root", default=None, help="folder holding cifar-10-binary.tar.xz (or RESFORGE_DATA)")
-    g.add_argument("--jobs", type=int, default=1,
+    g.add_argument("--data-root", default=None, help="folder holding cifar-10-binary.tar.xz (default: RESFORGE_DATA)")
+    g.add_argument("--jobs", type=_count, default=1,
                    help="runs trained at once, each with cores/jobs threads (2 on a 2-core CPU: ~1.25x the throughput)")
     g.add_argument("--report", action="store_true",
                    help="train nothing: redraw the figure and table from the runs as they stand (unfinished runs "
@@ -139,7 +193,7 @@ def _add_experiment(sub) -> None:
 
 FT_SHORTCUTS = {"epochs": "train.epochs", "lr": "optim.lr", "batch_size": "train.batch_size",
                 "device": "train.device", "name": "train.name", "project": "train.project",
-                "seed": "train.seed", "input_size": "finetune.input_size"}
+                "seed": "train.seed", "input_size": "finetune.input_size", "threads": "train.threads"}
 
 
 def _ft_overrides(a) -> list[str]:
@@ -148,12 +202,14 @@ def _ft_overrides(a) -> list[str]:
 
 def _finetune(a) -> int:
     from resforge import api
+    _check_weights_name(a.source, "--from", f"resforge {a.command} --from PATH, or model.pretrained=PATH")
     api.finetune(a.source, data=a.data, policy=a.policy, recipe=a.recipe, overrides=_ft_overrides(a), model=a.model)
     return 0
 
 
 def _lr_find(a) -> int:
     from resforge import api
+    _check_weights_name(a.source, "--from", f"resforge {a.command} --from PATH, or model.pretrained=PATH")
     api.lr_find(a.source, data=a.data, policy=a.policy, recipe=a.recipe, overrides=_ft_overrides(a),
                 model=a.model, start=a.start_lr, end=a.end_lr, steps=a.steps, out=a.out)
     return 0
@@ -165,25 +221,29 @@ def _add_finetune(sub) -> None:
                                    "akamaster CIFAR ResNet; new head for the data's classes. Report rows: (a) prototype "
                                    "head, (b) linear probe, (c) the policy, on the same test split. Any config key can "
                                    "be overridden as key=value (finetune.bn=freeze-stats, finetune.input_size=128, ...).")
-    f.add_argument("--from", dest="source", required=True, metavar="RUN_OR_WEIGHTS")
+    f.add_argument("--from", dest="source", required=True, metavar="RUN_OR_WEIGHTS",
+                   help="run folder or local weights file to start from (required)")
     f.add_argument("--policy", default=None, help="linear-probe | last-stages:K | stages:A,B | full | gradual | bitfit | lora "
                                                   "(default: the recipe's finetune.policy)")
     lr = sub.add_parser("lr-find", help="learning-rate range test: plot and suggested optim.lr",
                         description="Sweep the rate geometrically while training, record the loss, suggest a rate. "
                                     "With --from: for that fine-tuning policy's main phase; without: for the recipe's "
                                     "model from scratch.")
-    lr.add_argument("--from", dest="source", default=None, metavar="RUN_OR_WEIGHTS")
-    lr.add_argument("--policy", default=None)
+    lr.add_argument("--from", dest="source", default=None, metavar="RUN_OR_WEIGHTS",
+                    help="weights to fine-tune (default: none, the recipe's model from scratch)")
+    lr.add_argument("--policy", default=None, help="fine-tuning policy (default: the recipe's finetune.policy)")
     lr.add_argument("--start-lr", type=float, default=1e-6)
     lr.add_argument("--end-lr", type=float, default=1.0)
-    lr.add_argument("--steps", type=int, default=100)
+    lr.add_argument("--steps", type=_count, default=100)
     lr.add_argument("--out", default=None, help="output folder (default: PROJECT/lr-find)")
     for q, fn in ((f, _finetune), (lr, _lr_find)):
-        q.add_argument("--data", default=None, help="data source (.npz, folder, cifar10, ...)")
+        q.add_argument("--data", default=None,
+                       help="data source (.npz, folder, cifar10, ...) (default: the recipe's data.source)")
         q.add_argument("--recipe", default="finetune", help="recipe name or YAML path (default: finetune)")
-        q.add_argument("--model", default=None, help="architecture, for third-party weights (checked for checkpoints)")
+        q.add_argument("--model", default=None, help=MODEL_HELP + " (checked for checkpoints)")
         for k in FT_SHORTCUTS:
-            q.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None, help=f"= {FT_SHORTCUTS[k]}")
+            q.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None,
+                           help=f"= {FT_SHORTCUTS[k]} (default: the recipe's; see `resforge config`)")
         q.add_argument("overrides", nargs="*", metavar="key=value")
         q.set_defaults(fn=fn)
 
@@ -218,29 +278,63 @@ def _add_deploy(sub) -> None:
     x.add_argument("--out", default=None, help="output file (default: next to the weights, .onnx/.torchscript)")
     x.add_argument("--samples", nargs="+", default=None, metavar="PATH",
                    help="images for the parity check (default: the run's own held-out data)")
-    x.add_argument("--model", default=None, help="architecture, for third-party weights")
+    x.add_argument("--model", default=None, help=MODEL_HELP)
     x.set_defaults(fn=_export)
 
     v = sub.add_parser("serve", help="HTTP inference service with a web page (needs resforge[serve])")
     v.add_argument("source", help="run folder, weights file, or an exported .onnx/.torchscript")
     v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=_port, default=8000, help="TCP port to listen on")
     v.add_argument("--backend", choices=["auto", "torch", "onnx", "torchscript"], default="auto",
                    help="auto: what the source is (weights -> torch, .onnx -> onnx)")
-    v.add_argument("--model", default=None, help="architecture, for third-party weights")
-    v.add_argument("--max-batch", type=int, default=32, help="micro-batch size limit (1 = no batching)")
+    v.add_argument("--model", default=None, help=MODEL_HELP)
+    v.add_argument("--max-batch", type=_count, default=32, help="micro-batch size limit (1 = no batching)")
     v.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up")
     v.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit, in MB")
-    v.add_argument("--max-pixels", type=int, default=40_000_000, help="per-image pixel limit (bomb guard)")
-    v.add_argument("--max-files", type=int, default=64, help="images per request")
-    v.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: one per core)")
+    v.add_argument("--max-pixels", type=_count, default=40_000_000, help="per-image pixel limit (bomb guard)")
+    v.add_argument("--max-files", type=_count, default=64, help="images per request")
+    v.add_argument("--threads", type=_count, default=None, help="CPU threads for the model (default: one per core)")
     v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="debug also logs every request")
     v.set_defaults(fn=_serve)
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option shows its default: appended where the help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, argparse.SUPPRESS)
+                or "default" in text.lower()):
+            return text          # None defaults are explained in the help itself (tests/test_cli.py)
+        shown = "off" if action.default is False else str(action.default).replace("%", "%%")
+        return f"{text} (default: {shown})".lstrip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command: defaults in --help, and --debug accepted before or after the command."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the full traceback of an error (also: RESFORGE_DEBUG=1) (default: off)")
+
+
+def _count(text: str) -> int:
+    """argparse type for counts that must be >= 1 (batch sizes, top-k, threads)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="resforge", description="Train, fine-tune, evaluate and serve ResNets.")
+    p = _Parser(prog="resforge", description="Train, fine-tune, evaluate and serve ResNets.",
+                epilog="Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + ".")
     p.add_argument("--version", action="version", version=f"resforge {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -250,34 +344,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", default=None,
                    help="recipe name (configs/NAME.yaml) or YAML path; default: digits, or default with --data")
     for k in SHORTCUTS:
-        t.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None, help=f"= {SHORTCUTS[k]}")
-    t.add_argument("--resume", default=None, metavar="RUN", help="continue an interrupted run folder")
+        t.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None,
+                       help=f"= {SHORTCUTS[k]} (default: the recipe's; see `resforge config`)")
+    t.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue an interrupted run folder (default: start a new run)")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="evaluate a run or weights file on a data split")
     e.add_argument("source", nargs="?", help="run folder, resforge checkpoint, or torchvision/timm/akamaster weights")
-    e.add_argument("--weights", default=None, help="same as SOURCE")
+    e.add_argument("--weights", default=None, help="same as SOURCE (default: SOURCE)")
     e.add_argument("--data", default=None, help="data source (default: the run's own)")
-    e.add_argument("--model", default=None, help="architecture, for third-party weights (e.g. resnet56)")
+    e.add_argument("--model", default=None, help=MODEL_HELP + ", e.g. resnet56")
     e.add_argument("--split", action="append", help="split(s) to evaluate (default test; repeatable)")
     e.add_argument("--tta", action="store_true", help="test-time augmentation (flip + shifts)")
-    e.add_argument("--batch-size", type=int, default=512)
+    e.add_argument("--batch-size", type=_count, default=512)
     e.add_argument("--out", default=None, help="report folder (default: the run folder)")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--data-root", default=None)
-    e.add_argument("--download", action="store_true")
+    e.add_argument("--device", default="auto", help="auto | cpu | mps | cuda | cuda:N | N")
+    e.add_argument("--threads", type=_count, default=None, help=THREADS_HELP)
+    e.add_argument("--data-root", default=None, help="folder holding named sources (default: RESFORGE_DATA)")
+    e.add_argument("--download", action="store_true", help="fetch a named source that is missing")
     e.set_defaults(fn=_eval)
 
     r = sub.add_parser("predict", help="predict classes of image files or folders")
     r.add_argument("source", help="run folder or weights file")
     r.add_argument("inputs", nargs="+", help="image files and/or folders")
-    r.add_argument("--topk", type=int, default=5)
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--model", default=None)
-    r.add_argument("--device", default="auto")
-    r.add_argument("--out", default=None, help="write predictions to .csv or .json")
-    r.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU cores, max 8)")
+    r.add_argument("--topk", type=_count, default=5, help="labels per file")
+    r.add_argument("--batch-size", type=_count, default=64)
+    r.add_argument("--model", default=None, help=MODEL_HELP)
+    r.add_argument("--device", default="auto", help="auto | cpu | mps | cuda | cuda:N | N")
+    r.add_argument("--threads", type=_count, default=None, help=THREADS_HELP)
+    r.add_argument("--out", default=None, help="write predictions to .csv or .json (default: print only)")
+    r.add_argument("--workers", type=_count, default=None, help="decoding threads (default: CPU cores, max 8)")
     r.set_defaults(fn=_predict)
     _add_deploy(sub)
 
@@ -287,31 +385,86 @@ def build_parser() -> argparse.ArgumentParser:
     rc = sub.add_parser("recipes", help="list the named training recipes")
     rc.set_defaults(fn=_recipes)
 
+    c = sub.add_parser("config", help="list every config key with its type, default and meaning")
+    c.add_argument("--section", default=None, help="only this section: data, model, aug, optim, train, eval, "
+                                                   "finetune (default: all)")
+    c.set_defaults(fn=_config)
+
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("scan", help="per-class counts, rejected files, duplicates and leaks")
     s.add_argument("source")
-    s.add_argument("--image-size", type=int, default=None)
-    s.add_argument("--channels", type=int, default=None)
-    s.add_argument("--data-root", default=None)
-    s.add_argument("--json", default=None, help="also save the report as JSON")
+    s.add_argument("--image-size", type=_count, default=None, help="resize to this side (default: the source's own)")
+    s.add_argument("--channels", type=int, choices=[1, 3], default=None, help="default: the source's own")
+    s.add_argument("--data-root", default=None, help="folder holding named sources (default: RESFORGE_DATA)")
+    s.add_argument("--json", default=None, help="also save the report as JSON (default: print only)")
     s.set_defaults(fn=_scan)
     _add_experiment(sub)
     _add_finetune(sub)
     return p
 
 
+_OS_REMEDY = {
+    errno.ENOSPC: "free some disk space, or write elsewhere (train.project, --out, RESFORGE_CACHE)",
+    errno.EDQUOT: "free some of your disk quota, or write elsewhere (train.project, --out, RESFORGE_CACHE)",
+    errno.EACCES: "choose a folder you may write to (train.project, --out), or fix its permissions",
+    errno.EPERM: "choose a folder you may write to (train.project, --out), or fix its permissions",
+    errno.EROFS: "the file system is read-only: write elsewhere (train.project, --out, RESFORGE_CACHE)",
+    errno.EIO: "the disk reported an I/O error: check the device, or copy the file to another disk",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or use fewer data.workers",
+}
+_INPUT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+def explain(exc: BaseException, args=None) -> tuple[int, str] | None:
+    """(exit code, one sentence) for a failure expected in use; None for a bug (traceback)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":   # torch's GPU OOM too
+        where = "GPU memory" if type(exc).__name__ == "OutOfMemoryError" else "memory"
+        return 4, (f"out of {where}: use a smaller train.batch_size / --batch-size (and eval_batch_size), a smaller "
+                   "data.image_size, or data.stream=true for sets larger than RAM")
+    if isinstance(exc, pickle.UnpicklingError):
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if text.startswith("Weights only load failed") or not text:
+            where = getattr(args, "source", None) or "the file"
+            text = (f"{where} holds pickled Python objects, not only tensors, and resforge loads weights with "
+                    "torch.load(weights_only=True) so a file cannot run code: re-save its state_dict "
+                    "(torch.save(model.state_dict(), path)) or convert it to .safetensors")
+        return 2, text
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        name = " ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        folder = getattr(args, "writes_to", None) or getattr(args, "out", None)
+        what = f"{name}: " if name else (f"writing under {folder}: " if folder else "")
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        if exc.errno in _INPUT_ERRNOS:
+            return 2, f"{what}{reason}"
+        remedy = _OS_REMEDY.get(exc.errno)
+        return 3, f"{what}{reason}" + (f": {remedy}" if remedy else "")
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        # Expected user errors (bad config, bad data, bad weights) carry their own sentence.
+        return 2, str(exc)
+    if isinstance(exc, ImportError) and getattr(exc, "name", None) in (None, "onnx", "onnxruntime", "fastapi",
+                                                                       "uvicorn", "peft", "safetensors"):
+        return 2, str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("RESFORGE_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError) as e:
-        # Expected user errors (bad config, bad data, bad weights): one clear line, no traceback.
-        print(f"resforge: error: {e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:                        # `resforge predict ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (Exception, KeyboardInterrupt) as e:    # noqa: BLE001 - sorted by explain(); bugs re-raise
+        verdict = explain(e, args)
+        if debug or verdict is None:
+            raise
+        code, text = verdict
+        print("interrupted" if code == 130 else f"resforge: error: {text}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -31,19 +32,19 @@ class DataConfig:
     image_size: int | None = None     # square side the images are stored at; None = the source's own
     channels: int | None = None       # 1 or 3; None = the source's own
     val_fraction: float = 0.1         # carved (stratified) from train when the source has no val split
-    split_seed: int = 0
+    split_seed: int = 0               # seed of the train/val carve and of train_fraction subsets
     manifest: str | None = None       # reuse a split manifest (splits.json) from an earlier run
     train_fraction: float | None = None  # stratified subset of train (few-shot / 1% / 10% studies)
     data_root: str | None = None      # where named sources (cifar10) are looked for
     cache_dir: str | None = None      # decoded uint8 tensors, keyed by content hash
-    download: bool = False
+    download: bool = False            # fetch a named source (cifar10) when it is not under data_root
     stream: bool = False              # decode per batch in DataLoader workers (sets larger than RAM)
     workers: int = 2                  # DataLoader workers on the streaming path
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet20"
+    name: str = "resnet20"            # architecture: see `resforge models`
     pretrained: str | None = None     # weights file to start from
     drop_rate: float = 0.0            # dropout before the classifier
     shortcut: str | None = None       # CIFAR nets: "A" (paper default) or "B"
@@ -56,7 +57,7 @@ class AugConfig:
     translate: int = 0                # max shift in pixels (pad + random crop); 0 = off
     cutout: int = 0                   # side of the zeroed square; 0 = off
     random_resized_crop: bool = False  # for larger images; scale range below
-    rrc_scale: tuple[float, float] = (0.35, 1.0)
+    rrc_scale: tuple[float, float] = (0.35, 1.0)  # random_resized_crop: [min, max] area fraction kept
     mixup: float = 0.0                # Beta(a, a) parameter; 0 = off
     cutmix: float = 0.0               # Beta(a, a) parameter; 0 = off
 
@@ -64,10 +65,10 @@ class AugConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"                 # sgd (Nesterov) | adam | adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
+    lr: float = 0.1                   # peak learning rate (after warm-up)
+    momentum: float = 0.9             # sgd momentum (adam/adamw use their own betas)
+    nesterov: bool = True             # sgd: Nesterov momentum
+    weight_decay: float = 5e-4        # L2 penalty (decoupled for adamw)
     no_decay_norm_bias: bool = True   # exclude BN parameters and biases from weight decay
     schedule: str = "onecycle"        # onecycle | cosine | step | linear | constant
     warmup_epochs: float = 0.0        # cosine/linear/step: linear warm-up length
@@ -75,21 +76,22 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
     milestone_unit: str = "auto"      # step: auto (<= 1 fraction, > 1 epoch) | fraction | epoch | step
     gamma: float = 0.1                # step: factor at each milestone
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0      # target mass spread over the other classes, in [0, 1)
     clip_grad: float | None = None    # max global grad norm
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    epochs: int = 10                  # passes over the training split
+    batch_size: int = 128             # training images per step
+    eval_batch_size: int = 512        # images per step when evaluating
+    device: str = "auto"              # auto | cpu | mps | cuda | cuda:N | N (GPU index, as Ultralytics/timm)
     precision: str = "auto"           # auto | fp32 | bf16 | fp16
-    channels_last: bool = True
-    compile: bool = False
-    deterministic: bool = False
-    seed: int = 0
+    threads: int | None = None        # CPU threads; None = auto: usable cores not already busy (load), >= 1
+    channels_last: bool = True        # NHWC memory layout (faster convolutions with oneDNN/cuDNN)
+    compile: bool = False             # torch.compile the model (slow start, faster steps)
+    deterministic: bool = False       # deterministic kernels: bit-identical reruns, a little slower
+    seed: int = 0                     # seed of initialisation, data order and augmentation
     ema: float | None = None          # EMA decay per update, e.g. 0.999; None = off
     ema_every: int = 1                # update the EMA every k steps
     lookahead_every: int | None = None  # lookahead: pull the weights to a slow copy every k steps; None = off
@@ -101,9 +103,9 @@ class TrainConfig:
     patience: int | None = None       # early stopping on `monitor`; None = off
     monitor: str = "val_acc"          # val_acc | val_loss
     restore_best: bool = True         # load the best weights before the final test evaluation
-    project: str = "runs"
+    project: str = "runs"             # folder that run folders are created in
     name: str | None = None           # run folder name; default <model>-<data>, never overwritten
-    progress: bool = True
+    progress: bool = True             # progress bars on a terminal
     eval_train: int = 0               # each epoch, error of a fixed un-augmented train subset this big
                                       # (eval mode: He et al.'s training error); 0 = off
     grad_norms: bool = False          # log per-stage gradient L2 norms (epoch means) to metrics.csv
@@ -111,7 +113,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    splits: list[str] = field(default_factory=lambda: ["val", "test"])
+    splits: list[str] = field(default_factory=lambda: ["val", "test"])  # splits scored after training
     tta: bool = False                 # average logits over the image and its mirror (+ shifts)
 
 
@@ -132,12 +134,12 @@ class FinetuneConfig:
     unfreeze_epochs: int = 1          # gradual: epochs of each partial-unfreeze phase (last phase: train.epochs)
     probe_epochs: int = 30            # linear probe on cached features
     probe_lr: float = 0.01            # AdamW rate of the probe
-    probe_weight_decay: float = 1e-4
+    probe_weight_decay: float = 1e-4  # AdamW weight decay of the probe
     class_weights: str = "none"       # none | balanced (inverse class frequency in the loss)
     balanced_sampling: bool = False   # draw training batches with equal class probability
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_rank: int = 8                # lora: rank of the adapters
+    lora_alpha: float = 16.0          # lora: adapter scale alpha / rank
+    lora_dropout: float = 0.0         # lora: dropout on the adapter input
     lora_lr_mult: float = 1.0         # adapter rate = optim.lr * this (10 diverged with SGD: NaN on BreastMNIST)
     compare: bool = True              # also score the prototype head and the linear probe (report rows a, b)
 
@@ -176,6 +178,26 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
+_SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)(?<!\bsec)(?<!\bcf)\.\s+(?=[A-Z(])")
+
+
+def recipe_summary(text: str) -> str:
+    """A recipe's one-line description: the first sentence of its leading comment paragraph
+    (comment lines up to the first blank comment line or the first YAML line)."""
+    para = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line.lstrip("#").strip()
+        if not body:
+            if para:
+                break
+            continue
+        para.append(body)
+    joined = " ".join(para)
+    return _SENTENCE_END.split(joined, maxsplit=1)[0].rstrip(".") + "." if joined else ""
+
+
 def _suggest(key: str, options) -> str:
     close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else ""
@@ -191,6 +213,9 @@ def _all_keys() -> list[str]:
     return [f"{s}.{k}" for s in SECTIONS for k in _section_fields(s)]
 
 
+SECTION_KEYS = {"data": "source", "model": "name", "optim": "name", "finetune": "policy"}   # data=X -> data.source=X
+
+
 def resolve_key(key: str) -> tuple[str, str]:
     """'optim.lr' or 'lr' -> ('optim', 'lr'); unknown or ambiguous keys raise ConfigError."""
     full = _all_keys()
@@ -199,6 +224,12 @@ def resolve_key(key: str) -> tuple[str, str]:
         if f"{section}.{name}" in full:
             return section, name
         raise ConfigError(f"unknown config key '{key}'.{_suggest(key, full)}")
+    if key in SECTION_KEYS:               # data=digits: the section's main field
+        return key, SECTION_KEYS[key]
+    if key in SECTIONS:
+        some = ", ".join(list(_section_fields(key))[:3])
+        raise ConfigError(f"'{key}' is a section, not a key: name one of its keys, e.g. {key}.{some.split(', ')[0]} "
+                          f"({some}, ...; see `resforge config --section {key}`)")
     owners = [k for k in full if k.split(".", 1)[1] == key]
     if len(owners) == 1:
         return tuple(owners[0].split(".", 1))
@@ -227,10 +258,15 @@ def _coerce(value: Any, hint, key: str):
         raise ConfigError(errors[0])
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = [yaml.safe_load(v) for v in value.split(",")]
+            try:
+                value = [yaml.safe_load(v) for v in value.split(",")]
+            except yaml.YAMLError:
+                raise ConfigError(f"config key '{key}' expects a list, e.g. [0.5, 0.75], got {value!r}") from None
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
-        (inner, *_) = typing.get_args(hint) or (Any,)
+        (inner, *rest) = typing.get_args(hint) or (Any,)
+        if origin is tuple and Ellipsis not in rest and len(value) != 1 + len(rest):
+            raise ConfigError(f"config key '{key}' expects {1 + len(rest)} values, e.g. [0.35, 1.0], got {value!r}")
         items = [_coerce(v, inner, key) if inner is not Any else v for v in value]
         return tuple(items) if origin is tuple else items
     if hint is bool:
@@ -243,6 +279,8 @@ def _coerce(value: Any, hint, key: str):
         raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > 1e308:
+                raise ConfigError(f"config key '{key}' expects a number, got one too large: {str(value)[:20]}...")
             return float(value)
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             return float(value)           # YAML 1.1 reads "1e-3" (no dot) as a string
@@ -286,7 +324,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. optim.lr=0.05)")
     key, raw = text.split("=", 1)
-    return key.strip().lstrip("-"), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({str(e).splitlines()[0]}); "
+                          "quote it, e.g. key='a: b'") from None
+    return key.strip().lstrip("-"), value
 
 
 def recipe_path(recipe: str) -> Path:
@@ -308,7 +351,13 @@ def load_config(recipe: str | None = None, overrides: list[str] | dict | None = 
         apply_dict(cfg, base, "saved config")
     if recipe:
         path = recipe_path(recipe)
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not a readable YAML recipe ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (data:, model:, train: ...), "
+                              f"not a {type(data).__name__}")
         apply_dict(cfg, data, str(path))
         cfg.recipe = cfg.recipe or path.stem
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
@@ -329,33 +378,242 @@ CHOICES = {
     ("finetune", "head_init"): ("probe", "fresh"),
     ("finetune", "decay_unit"): ("stage", "block"),
     ("finetune", "class_weights"): ("none", "balanced"),
+    ("model", "shortcut"): (None, "A", "B"),
+    ("data", "channels"): (None, 1, 3),
 }
+
+MAX_IMAGE_SIZE = 4096      # pixels per side: far above any recipe; stops 10**9 from allocating
+MAX_SEED = 2**32 - 1       # numpy's seed range
+MAX_THREADS = 1024
+_INF = math.inf
+
+# Every numeric field, (low, high, bounds): "[]" closed, "(]" low excluded, "[)" high excluded,
+# "()" both.  None is allowed wherever the field's type allows it.  tests/test_config.py checks
+# that each field of each section is covered by RANGES, CHOICES, bool type or _STRING_CHECKS.
+RANGES = {
+    "data.image_size": (1, MAX_IMAGE_SIZE, "[]"),
+    "data.val_fraction": (0, 1, "[)"),
+    "data.split_seed": (0, MAX_SEED, "[]"),
+    "data.train_fraction": (0, 1, "(]"),
+    "data.workers": (0, 256, "[]"),
+    "model.drop_rate": (0, 1, "[)"),
+    "aug.translate": (0, MAX_IMAGE_SIZE, "[]"),
+    "aug.cutout": (0, MAX_IMAGE_SIZE, "[]"),
+    "aug.mixup": (0, _INF, "[)"),
+    "aug.cutmix": (0, _INF, "[)"),
+    "aug.rrc_scale": (0, 1, "(]"),
+    "optim.lr": (0, _INF, "()"),
+    "optim.momentum": (0, 1, "[)"),
+    "optim.weight_decay": (0, _INF, "[)"),
+    "optim.warmup_epochs": (0, _INF, "[)"),
+    "optim.pct_start": (0, 1, "()"),
+    "optim.milestones": (0, _INF, "()"),
+    "optim.gamma": (0, _INF, "()"),
+    "optim.label_smoothing": (0, 1, "[)"),
+    "optim.clip_grad": (0, _INF, "()"),
+    "train.epochs": (1, 1_000_000, "[]"),
+    "train.batch_size": (1, 1_000_000, "[]"),
+    "train.eval_batch_size": (1, 1_000_000, "[]"),
+    "train.threads": (1, MAX_THREADS, "[]"),
+    "train.seed": (0, MAX_SEED, "[]"),
+    "train.ema": (0, 1, "()"),
+    "train.ema_every": (1, 1_000_000, "[]"),
+    "train.lookahead_every": (1, 1_000_000, "[]"),
+    "train.lookahead_alpha": (0, 1, "[]"),
+    "train.max_seconds": (0, _INF, "()"),
+    "train.val_every": (1, 1_000_000, "[]"),
+    "train.patience": (1, 1_000_000, "[]"),
+    "train.eval_train": (0, 10**9, "[]"),
+    "finetune.input_size": (1, MAX_IMAGE_SIZE, "[]"),
+    "finetune.head_lr_mult": (0, _INF, "()"),
+    "finetune.layer_decay": (0, 1, "(]"),
+    "finetune.unfreeze_epochs": (1, 1_000_000, "[]"),
+    "finetune.probe_epochs": (1, 1_000_000, "[]"),
+    "finetune.probe_lr": (0, _INF, "()"),
+    "finetune.probe_weight_decay": (0, _INF, "[)"),
+    "finetune.lora_rank": (1, 4096, "[]"),
+    "finetune.lora_alpha": (0, _INF, "()"),
+    "finetune.lora_dropout": (0, 1, "[)"),
+    "finetune.lora_lr_mult": (0, _INF, "()"),
+}
+
+SPLITS = ("train", "val", "test")
+_PLAIN_POLICIES = ("linear-probe", "full", "gradual", "bitfit", "lora")
+POLICY_FORMS = "linear-probe, last-stages:K, stages:A,B, full, gradual, bitfit or lora"
+
+
+def _range_text(low, high, bounds: str) -> str:
+    if high == _INF:
+        return f"at least {low}" if bounds[0] == "[" else f"greater than {low}"
+    if bounds == "[]":
+        return f"at least {low} and at most {high}"
+    return f"in {bounds[0]}{low}, {high}{bounds[1]}"
+
+
+def _in_range(v, low, high, bounds: str) -> bool:
+    if isinstance(v, float) and not math.isfinite(v):
+        return False
+    return (low <= v if bounds[0] == "[" else low < v) and (v <= high if bounds[1] == "]" else v < high)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    for key, (low, high, bounds) in RANGES.items():
+        s, n = key.split(".")
+        value = getattr(getattr(cfg, s), n)
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v is not None and not _in_range(v, low, high, bounds):
+                raise ConfigError(f"{key}={_show(value)} is out of range: it must be {_range_text(low, high, bounds)}"
+                                  + (f" (MAX_IMAGE_SIZE={MAX_IMAGE_SIZE})" if high == MAX_IMAGE_SIZE else ""))
+
+
+def _show(value) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def _check_strings(cfg: RunConfig) -> None:
+    """Text fields: not empty where a value is needed, and each one's own grammar."""
+    for key in ("data.source", "data.manifest", "data.data_root", "data.cache_dir", "model.name",
+                "model.pretrained", "train.project", "train.name", "finetune.class_map", "finetune.source_classes"):
+        s, n = key.split(".")
+        value = getattr(getattr(cfg, s), n)
+        if value is not None and (not value.strip() or "\0" in value):
+            raise ConfigError(f"{key}={value!r}: give a non-empty value" + (" (or null)" if key not in
+                              ("data.source", "model.name", "train.project") else ""))
+    name = cfg.train.name
+    if name is not None and (name in (".", "..") or "/" in name or "\\" in name):
+        raise ConfigError(f"train.name={name!r} must be a single folder name (it is created under train.project)")
+    try:
+        from resforge.training.device_names import one_device
+        one_device(cfg.train.device)
+    except ValueError as e:
+        raise ConfigError(f"train.{e}") from None
+    if cfg.model.pretrained is not None:
+        check_weights_path(cfg.model.pretrained, "model.pretrained")
+    bad = [s for s in cfg.eval.splits if s not in SPLITS]
+    if bad:
+        raise ConfigError(f"eval.splits: {bad[0]!r} is not a split: use any of {', '.join(SPLITS)}")
+    policy = cfg.finetune.policy
+    kind, _, arg = policy.partition(":")
+    ok = ((kind in _PLAIN_POLICIES and not _) or (kind == "last-stages" and arg.isdigit() and int(arg) >= 1)
+          or (kind == "stages" and any(a.strip() for a in arg.split(","))))
+    if not ok:
+        raise ConfigError(f"finetune.policy={policy!r} is not one of {POLICY_FORMS}.{_suggest(kind, _PLAIN_POLICIES)}")
+
+
+TORCHVISION_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet34": "resnet34-b627a593.pth",
+                     "resnet50": "resnet50-0676ba61.pth", "resnet101": "resnet101-63fe2227.pth",
+                     "resnet152": "resnet152-394f9c45.pth"}
+_MODEL_NAME = re.compile(r"(resnet|resnext|wide_resnet|plain|airbench)[0-9][a-z0-9_]*")
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".safetensors", ".ckpt", ".tar", ".npz")
+
+
+def check_weights_path(value: str, key: str,
+                       use: str = "model.pretrained=PATH, or resforge finetune --from PATH") -> None:
+    """A bare model name where a weights file belongs (model.pretrained=resnet18): resforge never
+    downloads, so say where the file comes from and how to pass it.  Paths are checked later."""
+    p = Path(value)
+    if (p.exists() or "/" in value or "\\" in value or p.suffix.lower() in _WEIGHT_SUFFIXES
+            or not _MODEL_NAME.fullmatch(value.lower())):
+        return
+    file = TORCHVISION_FILES.get(value.lower())
+    where = (f"fetch https://download.pytorch.org/models/{file} (torchvision's ImageNet weights) on a connected "
+             "machine, then pass" if file else "pass")
+    raise ConfigError(f"{key}={value!r} is a model name, not a file: resforge needs a local weights file and never "
+                      f"downloads; {where} its path ({use})")
+
+
+def _check_combinations(cfg: RunConfig) -> None:
+    t, o, a = cfg.train, cfg.optim, cfg.aug
+    if t.fit_budget and not t.max_seconds:
+        raise ConfigError("train.fit_budget=true sizes the schedule to train.max_seconds: set it too "
+                          "(e.g. train.max_seconds=2400 for 40 minutes)")
+    if a.rrc_scale[0] > a.rrc_scale[1]:
+        raise ConfigError(f"aug.rrc_scale={_show(a.rrc_scale)}: the minimum comes first ([min, max], e.g. [0.35, 1.0])")
+    if list(o.milestones) != sorted(o.milestones):
+        raise ConfigError(f"optim.milestones={_show(o.milestones)} must be in increasing order")
+    if o.milestone_unit == "fraction" and any(m > 1 for m in o.milestones):
+        raise ConfigError(f"optim.milestones={_show(o.milestones)} with milestone_unit=fraction must be in (0, 1]")
+    if o.milestone_unit == "step" and any(m != int(m) for m in o.milestones):
+        raise ConfigError(f"optim.milestones={_show(o.milestones)} with milestone_unit=step must be whole steps")
+    if o.schedule != "onecycle" and o.warmup_epochs > t.epochs:
+        raise ConfigError(f"optim.warmup_epochs={o.warmup_epochs} is longer than train.epochs={t.epochs}")
+    size = cfg.data.image_size
+    for key, v in (("aug.translate", a.translate), ("aug.cutout", a.cutout)):
+        if size is not None and v > size:
+            raise ConfigError(f"{key}={v} is larger than the images (data.image_size={size})")
+    if t.precision == "fp16":
+        from resforge.training.device_names import parse_device
+        if parse_device(t.device)[0] in ("cpu", "mps"):
+            raise ConfigError(f"train.precision=fp16 needs a CUDA device (train.device={t.device}): use bf16 or fp32")
 
 
 def validate(cfg: RunConfig) -> None:
+    """Every field of every section against its type's range, choices and the combinations that
+    cannot work, so a bad value stops the command before any folder or file is made."""
     for (section, name), options in CHOICES.items():
         value = getattr(getattr(cfg, section), name)
         if value not in options:
-            raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(options)}."
-                              f"{_suggest(str(value), options)}")
-    if cfg.model.shortcut not in (None, "A", "B"):
-        raise ConfigError(f"model.shortcut={cfg.model.shortcut!r}: use A or B")
-    if cfg.data.channels not in (None, 1, 3):
-        raise ConfigError(f"data.channels={cfg.data.channels}: use 1 or 3")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must be in [0, 1)")
-    if cfg.train.eval_train < 0:
-        raise ConfigError(f"train.eval_train={cfg.train.eval_train}: a count of images, 0 = off")
-    if cfg.train.lookahead_every is not None and cfg.train.lookahead_every < 1:
-        raise ConfigError("train.lookahead_every must be at least 1 (or null: off)")
-    if not 0 <= cfg.train.lookahead_alpha <= 1:
-        raise ConfigError(f"train.lookahead_alpha={cfg.train.lookahead_alpha}: must be in [0, 1]")
-    if cfg.train.fit_budget and not cfg.train.max_seconds:
-        raise ConfigError("train.fit_budget=true sizes the schedule to train.max_seconds: set it too "
-                          "(e.g. train.max_seconds=2400 for 40 minutes)")
-    if cfg.train.max_seconds is not None and cfg.train.max_seconds <= 0:
-        raise ConfigError(f"train.max_seconds={cfg.train.max_seconds}: a positive number of seconds (or null: off)")
-    for key in ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.val_every"):
-        s, n = key.split(".")
-        if getattr(getattr(cfg, s), n) < 1:
-            raise ConfigError(f"{key} must be at least 1")
+            shown = ", ".join("null" if o is None else str(o) for o in options)
+            raise ConfigError(f"{section}.{name}={value!r} is not one of {shown}."
+                              f"{_suggest(str(value), [str(o) for o in options])}")
+    _check_ranges(cfg)
+    _check_strings(cfg)
+    _check_combinations(cfg)
+
+
+# ---------------------------------------------------------------- help: `resforge config`
+
+def field_help() -> dict[str, str]:
+    """'section.field' -> its one-line help: the comment after the field in this file's source
+    (continued on comment-only lines below it), so the dataclasses stay the one source of truth."""
+    import ast
+    import io
+    import tokenize
+
+    source = Path(__file__).read_text(encoding="utf-8")
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    lines = source.splitlines()
+    section_of = {f.type if isinstance(f.type, str) else f.type.__name__: f.name
+                  for f in dataclasses.fields(RunConfig) if f.name in SECTIONS}
+    out = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.ClassDef) and node.name in section_of):
+            continue
+        for item in node.body:
+            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                end = item.end_lineno
+                text = [comments[end]] if end in comments else []
+                while end < len(lines) and lines[end].strip().startswith("#"):    # continuation lines
+                    end += 1
+                    text.append(comments[end])
+                out[f"{section_of[node.name]}.{item.target.id}"] = " ".join(text)
+    return out
+
+
+def _type_name(hint) -> str:
+    text = str(hint).replace("typing.", "").replace("NoneType", "None")
+    return text if "[" in text or "|" in text else getattr(hint, "__name__", text)
+
+
+def describe_keys(section: str | None = None) -> str:
+    """The `resforge config` listing: per section, each key with its type, default, help and the
+    range validate() holds it to."""
+    if section is not None and section not in SECTIONS:
+        raise ConfigError(f"unknown section '{section}'.{_suggest(section, SECTIONS)} Sections: {', '.join(SECTIONS)}")
+    helps, defaults, rows = field_help(), RunConfig().to_dict(), []
+    for s in [section] if section else SECTIONS:
+        cls = type(getattr(RunConfig(), s))
+        own_doc = cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(")    # not dataclass's generated one
+        rows.append((f"{s}:" + (f"  {cls.__doc__.strip()}" if own_doc else ""),))
+        hints = typing.get_type_hints(cls)
+        for name in _section_fields(s):
+            key = f"{s}.{name}"
+            default = yaml.safe_dump(defaults[s][name], default_flow_style=True).strip().removesuffix("\n...").strip()
+            limit = f" (allowed: {_range_text(*RANGES[key])})" if key in RANGES else ""
+            rows.append((f"  {key}", _type_name(hints[name]), default, helps.get(key, "") + limit))
+    widths = [max(len(r[i]) for r in rows if len(r) > 1) for i in range(3)]
+    return "\n".join(r[0] if len(r) == 1 else "  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[3]])
+                     for r in rows)

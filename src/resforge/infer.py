@@ -37,6 +37,7 @@ def predict(
     out: str | Path | None = None,
     workers: int | None = None,
     progress: bool | None = None,
+    threads: int | None = None,
 ) -> list[dict]:
     """Top-k predictions for every image file in `inputs` (files and folders, recursive).
 
@@ -47,14 +48,17 @@ def predict(
     workers: decoding threads (default: one per CPU core, at most 8; PIL releases the GIL while
     decoding and resizing, so threads scale like processes without pickling images back).
     progress: show a progress bar (default: on a terminal, for 100+ files).
+    threads: torch CPU threads for the model (default: auto, see training/device.choose_threads).
     """
     from resforge.checkpoint import load_for_inference  # lazy: keeps `import resforge.infer` light
+    from resforge.training.device import apply_threads
 
     if topk < 1 or batch_size < 1:
         raise ValueError(f"topk and batch_size must be >= 1, got {topk}, {batch_size}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1 (decoding threads), got {workers}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    apply_threads(threads)
     entries = _expand(inputs)
     model, meta = load_for_inference(source, model_name=model_name, device=str(device))
     rows = {p: _error_row(p, "file not found") for p, exists in entries if not exists}
@@ -104,12 +108,13 @@ def _expand(inputs: list[str | Path]) -> list[tuple[str, bool]]:
 
 
 def format_predictions(rows: list[dict], *, max_path: int = 60) -> str:
-    """Readable fixed-width table: path, then "label prob%" for each of the top-k."""
+    """Readable fixed-width table: path, then "label prob%" for each of the top-k.  Control
+    characters in paths, labels and errors are shown escaped (a newline as \\n), one row a line."""
     if not rows:
         return "no files"
     k = max(1, max((len(r["topk"]) for r in rows), default=0))  # >= 1 column even if all failed
     head = ["path"] + [f"top{i + 1}" for i in range(k)]
-    body = [[_shorten(r["path"], max_path)] + _topk_cells(r, k) for r in rows]
+    body = [[_shorten(_printable(r["path"]), max_path)] + [_printable(c) for c in _topk_cells(r, k)] for r in rows]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
     n_err = sum(r["error"] is not None for r in rows)
@@ -118,7 +123,9 @@ def format_predictions(rows: list[dict], *, max_path: int = 60) -> str:
 
 
 def save_predictions(rows: list[dict], path: str | Path) -> Path:
-    """Save rows as .csv (path, top1_label, top1_prob, label_2, prob_2, ..., error) or .json."""
+    """Save rows as .csv (path, top1_label, top1_prob, top2_label, top2_prob, ..., error) or .json.
+    CSV cells that a spreadsheet would run as a formula (starting with = + - @ tab or CR) get a
+    leading ' (OWASP's CSV-injection advice); the JSON keeps every value as it is."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
@@ -130,7 +137,7 @@ def save_predictions(rows: list[dict], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", newline="")
         os.replace(tmp, path)  # atomic: no half-written file if interrupted
     finally:
         tmp.unlink(missing_ok=True)
@@ -288,18 +295,37 @@ def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
 
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def _printable(text: str) -> str:
+    """One table cell on one line: control characters (newline, CR, tab, ESC...) shown escaped."""
+    return str(text).translate(_CONTROL)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(text: str) -> str:
+    """A text cell a spreadsheet will not evaluate: `=cmd|...` becomes `'=cmd|...`."""
+    text = str(text)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def _rows_to_csv(rows: list[dict]) -> str:
     k = max(1, max((len(r["topk"]) for r in rows), default=0))  # top1 columns always present
-    head = ["path", "top1_label", "top1_prob"]
-    for i in range(2, k + 1):
-        head += [f"label_{i}", f"prob_{i}"]
+    head = ["path"]
+    for i in range(1, k + 1):
+        head += [f"top{i}_label", f"top{i}_prob"]
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    # RFC 4180 line ends: with "\n" alone the writer leaves a CR inside a cell unquoted, and readers
+    # then split that row in two.
+    writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(head + ["error"])
     for r in rows:
         cells = []
         for t in r["topk"]:
-            cells += [t["label"], f"{t['prob']:.6f}"]
+            cells += [_csv_cell(t["label"]), f"{t['prob']:.6f}"]
         cells += [""] * (2 * k - len(cells))
-        writer.writerow([r["path"], *cells, r["error"] or ""])
+        writer.writerow([_csv_cell(r["path"]), *cells, _csv_cell(r["error"] or "")])
     return buf.getvalue()

@@ -146,7 +146,7 @@ def lr_find(source: str | Path | None = None, *, data: str | None = None, policy
 def _scratch_target(cfg: RunConfig):
     from resforge.api import build_model, channel_stats, prepare_data
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    rt = make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last)
+    rt = make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last, cfg.train.threads)
     bundle, _ = prepare_data(cfg)
     net, _, pre = build_model(cfg, len(bundle.class_names), bundle.channels)
     mean, std = (pre["mean"], pre["std"]) if pre.get("mean") else channel_stats(bundle)

@@ -70,7 +70,7 @@ def resolve_config(recipe=None, overrides=None, *, data=None, policy=None, sourc
 def build_setup(cfg: RunConfig, source, model_name: str | None) -> Setup:
     from resforge.api import prepare_data                # api imports this module lazily: no cycle
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    rt = make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last)
+    rt = make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last, cfg.train.threads)
     pre = read_pretrained(source, model_name, cfg.finetune.source_classes)
     bundle, manifest = prepare_data(cfg)
     model, kwargs, notes = _model(cfg, pre, bundle)
