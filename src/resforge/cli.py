@@ -199,12 +199,17 @@ def _export(a) -> int:
     return 0
 
 
+_SERVE_LIMITS = ("max_request_pixels", "max_decodes", "decode_wait_s", "body_timeout_s", "header_timeout_s",
+                 "max_connections")
+
+
 def _serve(a) -> int:
     try:
         from resforge.serve import serve
         serve(a.source, host=a.host, port=a.port, backend=a.backend, model_name=a.model,
               max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_upload_bytes=int(a.max_upload_mb * 1e6),
-              max_pixels=a.max_pixels, max_files=a.max_files, threads=a.threads, log_level=a.log_level)
+              max_pixels=a.max_pixels, max_files=a.max_files, threads=a.threads, log_level=a.log_level,
+              **{k: getattr(a, k) for k in _SERVE_LIMITS})
     except ImportError as e:
         print(f"resforge: error: {e}", file=sys.stderr)
         return 2
@@ -233,6 +238,12 @@ def _add_deploy(sub) -> None:
     v.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit, in MB")
     v.add_argument("--max-pixels", type=int, default=40_000_000, help="per-image pixel limit (bomb guard)")
     v.add_argument("--max-files", type=int, default=64, help="images per request")
+    v.add_argument("--max-request-pixels", type=int, default=100_000_000, help="decoded pixels per request, all files")
+    v.add_argument("--max-decodes", type=int, default=2, help="requests decoding images at once (bounds memory)")
+    v.add_argument("--decode-wait-s", type=float, default=10.0, help="wait for a decode slot before a 503")
+    v.add_argument("--body-timeout-s", type=float, default=30.0, help="whole request body deadline (408)")
+    v.add_argument("--header-timeout-s", type=float, default=10.0, help="request headers deadline (408)")
+    v.add_argument("--max-connections", type=int, default=256, help="open connections; more get a 503")
     v.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: one per core)")
     v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="debug also logs every request")

@@ -42,14 +42,19 @@ class ImageError(ValueError):
 
 
 def decode_image(src, channels: int | None = None, *,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Path or bytes -> uint8 (H, W, C) with C = channels (or 1/3 chosen by mode)."""
+                 max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> np.ndarray:
+    """Path or bytes -> uint8 (H, W, C) with C = channels (or 1/3 chosen by mode).
+
+    draft: JPEG only, let the decoder scale down by 2, 4 or 8 (DCT scaling: far less CPU and
+    memory) while both sides stay >= draft pixels; other formats decode at full size."""
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
     name = "<bytes>" if isinstance(src, (bytes, bytearray, memoryview)) else str(src)
     im = _open(src, name)
     try:
         _check_pixels(im, name, max_pixels)
+        if draft and im.format == "JPEG":
+            im.draft(None, (int(draft), int(draft)))
         arr = _mode_to_uint8(_load_upright(im, name), name)   # (H, W, 1..4)
     finally:
         im.close()  # multi-frame files (GIF, TIFF) keep their file open until closed
