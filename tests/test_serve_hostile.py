@@ -164,7 +164,7 @@ except ImportError:                                            # pragma: no cove
 
 
 @_parametrize
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 def test_openapi_schema_fuzzing_gets_no_5xx(case):
     r = case.call(timeout=30)
     assert r.status_code < 500, (case.method, case.path, r.status_code, r.text)
@@ -184,7 +184,7 @@ _part = st.tuples(_token, st.one_of(st.none(), _token, st.text(max_size=20)), st
 
 @given(parts=st.lists(_part, max_size=4), boundary=_token, damage=st.sampled_from(["none", "no-end", "cut", "boundary"]),
        topk=st.one_of(st.none(), st.integers(-3, 14)))
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 def test_hypothesis_multipart_bodies_get_no_5xx(server, parts, boundary, damage, topk):
     body = b""
     for field, filename, ctype, data in parts:

@@ -53,7 +53,8 @@ def serve(source, *, host: str = "127.0.0.1", port: int = 8000, log_level: str =
 def _return_freed_memory() -> None:
     """Make glibc give large freed blocks back to the OS. Its mmap threshold otherwise grows
     to 32 MB after the first big free, so decoded images land in heap arenas that are never
-    returned: one large request left the process at ~1 GB RSS for good (measured)."""
+    returned (measured: 8 decodes of a 6000x6000 PNG left +51 MB resident with 1 thread,
+    +101 MB with 2; with a fixed 1 MiB threshold +4 / +8 MB)."""
     import ctypes
     import ctypes.util
 
