@@ -92,7 +92,8 @@ def _check_predictions(body: dict, names: list[str], expected: dict, topk: int) 
         got = pred["topk"]
         assert len(got) == topk and got[0]["prob"] == pytest.approx(probs.max(), abs=1e-4)
         for item in got:          # compared by probability: near-ties may order either way
-            assert item["label"] == f"c{item['index']}" and item["prob"] == pytest.approx(probs[item["index"]], abs=1e-4)
+            i = item["index"]
+            assert item["label"] == f"c{i}" and item["prob"] == pytest.approx(probs[i], abs=1e-4)
 
 
 # ---------------------------------------------------------------- errors never show bytes
@@ -131,8 +132,8 @@ def test_16_clients_x_100_mixed_requests_all_answered_correctly(server, expected
                 elif kind == 4:
                     _check_error(s.post(f"{server}/v1/predict", files={"file": ("t.png", truncated)}), 422, "'t.png'")
                 elif kind == 5:
-                    _check_error(s.post(f"{server}/v1/predict?topk=11", files={"file": ("a.png", expected[names[0]][0])}),
-                                 422, "topk")
+                    one = {"file": ("a.png", expected[names[0]][0])}
+                    _check_error(s.post(f"{server}/v1/predict?topk=11", files=one), 422, "topk")
                 elif kind == 6:
                     r = s.get(f"{server}/v1/model")
                     assert r.status_code == 200 and r.json()["classes"] == [f"c{i}" for i in range(10)]
@@ -172,18 +173,17 @@ def test_openapi_schema_fuzzing_gets_no_5xx(case):
         assert r.json()["status"] == r.status_code and not BYTES_REPR.search(r.json()["error"]), r.text
 
 
+_SIGNATURES = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"II*\x00", b"BM", b"P5 ", b"RIFF0000WEBP"]
 _token = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, max_size=12)
 _payload = st.one_of(st.binary(max_size=300), st.sampled_from([png_bytes(), png_bytes(9, (5, 40), "RGB", "JPEG")]),
                      st.builds(lambda b, n: b[:n], st.sampled_from([png_bytes(), png_bytes(fmt="GIF")]),
                                st.integers(0, 80)),
-                     st.builds(lambda sig, tail: sig + tail, st.sampled_from(
-                         [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"II*\x00", b"BM", b"P5 ", b"RIFF0000WEBP"]),
-                         st.binary(max_size=120)))
+                     st.builds(lambda sig, tail: sig + tail, st.sampled_from(_SIGNATURES), st.binary(max_size=120)))
 _part = st.tuples(_token, st.one_of(st.none(), _token, st.text(max_size=20)), st.one_of(st.none(), _token), _payload)
 
 
-@given(parts=st.lists(_part, max_size=4), boundary=_token, damage=st.sampled_from(["none", "no-end", "cut", "boundary"]),
-       topk=st.one_of(st.none(), st.integers(-3, 14)))
+@given(parts=st.lists(_part, max_size=4), boundary=_token,
+       damage=st.sampled_from(["none", "no-end", "cut", "boundary"]), topk=st.one_of(st.none(), st.integers(-3, 14)))
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 def test_hypothesis_multipart_bodies_get_no_5xx(server, parts, boundary, damage, topk):
     body = b""
@@ -288,7 +288,45 @@ def test_connections_over_the_cap_get_503_naming_the_limit(server):
     assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
 
 
+def test_pipelined_requests_are_answered_not_timed_out(server):
+    s = socket.create_connection(("127.0.0.1", _port(server)))
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /v1/model HTTP/1.1\r\nHost: a\r\n\r\n")
+        got, t0 = b"", time.monotonic()
+        while b"\"epoch\"" not in got and time.monotonic() - t0 < HEADER_TIMEOUT + 3:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        s.close()
+    assert got.count(b"HTTP/1.1 200") == 2 and b'"architecture"' in got, got[:300]
+
+
 # ---------------------------------------------------------------- decode work is bounded
+
+
+def test_large_jpeg_decodes_at_reduced_scale_and_counts_what_it_decodes():
+    """A 2000x1600 JPEG for a 32 px model: DCT-scaled to 1/8 (250x200) before decoding, which
+    is what the request pixel limit counts; the result is within a few grey levels of a full decode."""
+    from resforge.infer import Preprocess
+    from resforge.serve.uploads import check_image, decode_files
+
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 256, (20, 25, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).resize((2000, 1600), Image.BILINEAR).save(buf, "JPEG", quality=90)
+    prep = Preprocess({"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3})
+    assert check_image(buf.getvalue(), "p.jpg", prep.max_pixels, draft=64) == 250 * 200
+    assert check_image(buf.getvalue(), "p.jpg", prep.max_pixels) == 2000 * 1600
+    with pytest.raises(Exception, match="--max-request-pixels"):
+        decode_files(prep, [("p.jpg", buf.getvalue())], max_request_pixels=250 * 200 - 1)
+    reduced = decode_files(prep, [("p.jpg", buf.getvalue())], max_request_pixels=250 * 200)[0]
+    full = prep.decode(buf.getvalue())
+    assert reduced.shape == full.shape == (32, 32, 3)
+    assert np.abs(reduced.astype(int) - full).mean() < 3
+
+
 
 
 @pytest.fixture(scope="module")

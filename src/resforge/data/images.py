@@ -149,9 +149,12 @@ def _hwc(a: np.ndarray) -> np.ndarray:
 
 
 def _scale_int(a: np.ndarray) -> np.ndarray:
-    a = a.astype(np.int64)
     if a.min() >= 0 and a.max() <= 65535:         # 16-bit data: full range -> 0..255
-        return ((a * 255 + 32767) // 65535).astype(np.uint8)
+        out = a.astype(np.uint32)                 # exact: 65535 * 255 + 32767 < 2**32, half of int64
+        out *= 255
+        out += 32767
+        out //= 65535
+        return out.astype(np.uint8)
     return _minmax(a.astype(np.float64))
 
 
@@ -173,8 +176,12 @@ def _composite_alpha(a: np.ndarray) -> np.ndarray:
     """(H, W, 2|4) -> (H, W, 1|3) onto black; (H, W, 1|3) unchanged."""
     if a.shape[-1] not in (2, 4):
         return a
-    colour, alpha = a[..., :-1].astype(np.uint32), a[..., -1:].astype(np.uint32)
-    return ((colour * alpha + 127) // 255).astype(np.uint8)
+    # uint16 is exact (255 * 255 + 127 < 65536) and needs half the memory of uint32 temporaries
+    out = a[..., :-1].astype(np.uint16)
+    out *= a[..., -1:]
+    out += 127
+    out //= 255
+    return out.astype(np.uint8)
 
 
 def convert_channels(a: np.ndarray, channels: int | None) -> np.ndarray:

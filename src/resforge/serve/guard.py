@@ -66,9 +66,12 @@ class GuardedH11Protocol(H11Protocol):
             self._disarm()
 
     def on_response_complete(self) -> None:
+        # armed first: the next request on this connection has the same deadline, and super()
+        # may parse one that is already buffered (pipelining), which disarms it again
+        self._arm()
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()                 # the next request on this connection has the same deadline
+        if self.transport.is_closing():
+            self._disarm()
 
     def connection_lost(self, exc) -> None:
         self._disarm()
@@ -76,8 +79,8 @@ class GuardedH11Protocol(H11Protocol):
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
-        if self.transport.is_closing():
-            return
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return                      # closing anyway, or a request's headers are in: it is being answered
         pending, _ = self.conn.trailing_data             # bytes of a request still incomplete
         if pending:
             self.transport.write(_raw_json(408, "Request Timeout", (
