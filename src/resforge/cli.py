@@ -243,7 +243,7 @@ def _add_deploy(sub) -> None:
     v.add_argument("--decode-wait-s", type=float, default=10.0, help="wait for a decode slot before a 503")
     v.add_argument("--body-timeout-s", type=float, default=30.0, help="whole request body deadline (408)")
     v.add_argument("--header-timeout-s", type=float, default=10.0, help="request headers deadline (408)")
-    v.add_argument("--max-connections", type=int, default=256, help="open connections; more get a 503")
+    v.add_argument("--max-connections", type=int, default=64, help="open connections; more get a 503")
     v.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: one per core)")
     v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="debug also logs every request")

@@ -18,7 +18,7 @@ from resforge.backends import missing_extra
 
 log = logging.getLogger("resforge.serve")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-SERVER_DEFAULTS = {"header_timeout_s": 10.0, "max_connections": 256}
+SERVER_DEFAULTS = {"header_timeout_s": 10.0, "max_connections": 64}
 
 
 def create_app(source, **kwargs):

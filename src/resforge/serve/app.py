@@ -7,8 +7,10 @@
 
 Bounded work per request: body bytes, files, pixels per image and per request (all checked
 from the headers before any pixel is decoded), and at most `max_decodes` requests decoding at
-once (one thread each: memory is bounded by max_decodes x one max_pixels image); a request
-that waited `decode_wait_s` for a decode slot gets a 503. Before serving, one synthetic image
+once, one image at a time each; a request that waited `decode_wait_s` for a decode slot gets a
+503. Memory above the model: at most max_decodes x max_pixels x ~13 bytes of decoding (the
+worst measured modes, float TIFF and RGBA PNG; grey 6, RGB 10) plus the request bodies held,
+max_connections x max_upload_bytes. Before serving, one synthetic image
 goes through the whole predict path (self-test): an artifact whose outputs do not fit its
 class names, or are not finite, is refused with the reason instead of answering with 500s.
 

@@ -36,7 +36,7 @@ def _raw_json(status: int, reason: str, message: str) -> bytes:
 
 class GuardedH11Protocol(H11Protocol):
     header_timeout: float = 10.0
-    max_connections: int = 256
+    max_connections: int = 64
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
