@@ -116,7 +116,9 @@ def self_test(model, prep, source) -> None:
         raise ArtifactRejected(f"refusing to serve {source}: a {w}x{h} test image fails in the model "
                                f"({type(e).__name__}: {e})") from None
     problem = None
-    if out.shape != (1, len(names)):
+    if not names:
+        problem = "it names no classes (class_names is empty or missing)"
+    elif out.shape != (1, len(names)):
         problem = (f"its output for one image has shape {tuple(out.shape)} but it names {len(names)} classes, "
                    f"so it would have to be (1, {len(names)})")
     elif not np.isfinite(_softmax(out)).all():
