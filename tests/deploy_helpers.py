@@ -120,3 +120,21 @@ def running_server(source, *args: str, timeout: float = 90.0):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def random_checkpoint(folder: Path, *, size: int = 32, channels: int = 3, classes: int = 10,
+                      class_names: list[str] | None = None, poison=None) -> Path:
+    """An untrained resnet20 checkpoint (seed 0) at `size` px; `poison(model)` may edit its
+    weights first. class_names (default c0..c{classes-1}) may disagree with the head on purpose."""
+    from resforge.checkpoint import save_checkpoint
+    from resforge.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=classes, in_chans=channels).eval()
+    if poison is not None:
+        poison(model)
+    meta = {"model": {"name": "resnet20", "num_classes": classes, "in_chans": channels, "kwargs": {}},
+            "class_names": class_names or [f"c{i}" for i in range(classes)], "input_size": [channels, size, size],
+            "mean": [0.5] * channels, "std": [0.25] * channels}
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(folder / "best", model, meta)

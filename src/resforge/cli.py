@@ -41,6 +41,17 @@ EXIT_CODES = {0: "done", 1: "predict read none of its files",
               3: "operating-system error (disk full, no permission, I/O error)", 4: "out of memory",
               130: "interrupted (Ctrl-C)", 141: "output pipe closed (e.g. resforge predict ... | head)"}
 MODEL_HELP = "architecture, for third-party weights (default: the one the checkpoint names)"
+def _positive(text: str) -> float:
+    """argparse type for sizes and durations that must be > 0 (seconds, MB, ms)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return x
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1..65535)")
@@ -259,12 +270,17 @@ def _export(a) -> int:
     return 0
 
 
+_SERVE_LIMITS = ("max_request_pixels", "max_decodes", "decode_wait_s", "body_timeout_s", "header_timeout_s",
+                 "max_connections")
+
+
 def _serve(a) -> int:
     try:
         from resforge.serve import serve
         serve(a.source, host=a.host, port=a.port, backend=a.backend, model_name=a.model,
               max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_upload_bytes=int(a.max_upload_mb * 1e6),
-              max_pixels=a.max_pixels, max_files=a.max_files, threads=a.threads, log_level=a.log_level)
+              max_pixels=a.max_pixels, max_files=a.max_files, threads=a.threads, log_level=a.log_level,
+              **{k: getattr(a, k) for k in _SERVE_LIMITS})
     except ImportError as e:
         print(f"resforge: error: {e}", file=sys.stderr)
         return 2
@@ -289,10 +305,16 @@ def _add_deploy(sub) -> None:
                    help="auto: what the source is (weights -> torch, .onnx -> onnx)")
     v.add_argument("--model", default=None, help=MODEL_HELP)
     v.add_argument("--max-batch", type=_count, default=32, help="micro-batch size limit (1 = no batching)")
-    v.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up")
-    v.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit, in MB")
+    v.add_argument("--max-wait-ms", type=_positive, default=5.0, help="how long a batch waits to fill up")
+    v.add_argument("--max-upload-mb", type=_positive, default=20.0, help="request body limit, in MB")
     v.add_argument("--max-pixels", type=_count, default=40_000_000, help="per-image pixel limit (bomb guard)")
     v.add_argument("--max-files", type=_count, default=64, help="images per request")
+    v.add_argument("--max-request-pixels", type=_count, default=100_000_000, help="decoded pixels per request, all files")
+    v.add_argument("--max-decodes", type=_count, default=2, help="requests decoding images at once (bounds memory)")
+    v.add_argument("--decode-wait-s", type=_positive, default=10.0, help="wait for a decode slot before a 503")
+    v.add_argument("--body-timeout-s", type=_positive, default=30.0, help="whole request body deadline (408)")
+    v.add_argument("--header-timeout-s", type=_positive, default=10.0, help="request headers deadline (408)")
+    v.add_argument("--max-connections", type=_count, default=64, help="open connections; more get a 503")
     v.add_argument("--threads", type=_count, default=None, help="CPU threads for the model (default: one per core)")
     v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="debug also logs every request")

@@ -222,9 +222,11 @@ class Preprocess:
         if self.mean.shape[1] != self.channels or self.std.shape[1] != self.channels:
             raise ValueError(f"meta mean/std length does not match input_size channels {self.channels}")
 
-    def decode(self, src) -> np.ndarray:
-        """Path or bytes -> (H, W, C) uint8 at the model's input size; raises ImageError."""
-        arr = self._decode(src, self.channels, max_pixels=self.max_pixels)
+    def decode(self, src, *, draft: bool = False) -> np.ndarray:
+        """Path or bytes -> (H, W, C) uint8 at the model's input size; raises ImageError.
+        draft: a large JPEG may be decoded at 1/2..1/8 scale, never below 2x the input size."""
+        size = 2 * max(self.height, self.width) if draft else None
+        arr = self._decode(src, self.channels, max_pixels=self.max_pixels, draft=size)
         arr = self._resize(arr, (self.height, self.width), mode=self.resize_mode)
         arr = arr[:, :, None] if arr.ndim == 2 else arr
         if arr.shape != (self.height, self.width, self.channels):
