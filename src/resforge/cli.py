@@ -52,6 +52,12 @@ def _positive(text: str) -> float:
     return x
 
 
+def _nonnegative(text: str) -> float:
+    """argparse type for a wait that may be 0 (no waiting)."""
+    x = _positive(text) if text.strip() not in ("0", "0.0") else 0.0
+    return x
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1..65535)")
@@ -305,7 +311,7 @@ def _add_deploy(sub) -> None:
                    help="auto: what the source is (weights -> torch, .onnx -> onnx)")
     v.add_argument("--model", default=None, help=MODEL_HELP)
     v.add_argument("--max-batch", type=_count, default=32, help="micro-batch size limit (1 = no batching)")
-    v.add_argument("--max-wait-ms", type=_positive, default=5.0, help="how long a batch waits to fill up")
+    v.add_argument("--max-wait-ms", type=_nonnegative, default=5.0, help="how long a batch waits to fill up")
     v.add_argument("--max-upload-mb", type=_positive, default=20.0, help="request body limit, in MB")
     v.add_argument("--max-pixels", type=_count, default=40_000_000, help="per-image pixel limit (bomb guard)")
     v.add_argument("--max-files", type=_count, default=64, help="images per request")
