@@ -169,9 +169,9 @@ def test_good_checkpoint_loads_and_sidecar_validates(good):
 
 
 def test_limits_are_settable(hostile, monkeypatch):
-    monkeypatch.setenv("RESFORGE_MAX_INPUT_SIDE", "16")
+    monkeypatch.setenv("RESFORGE_MAX_IMAGE_SIDE", "16")
     meta = {**base_meta(), "input_size": [1, 32, 32]}
-    with pytest.raises(ArtifactError, match=r"input_size\[1\] \(height\) is 32, above the limit of 16.*RESFORGE_MAX_INPUT_SIDE"):
+    with pytest.raises(ArtifactError, match=r"input_size\[1\] \(height\) is 32, above the limit of 16.*RESFORGE_MAX_IMAGE_SIDE"):
         validate_meta(meta, "m.json", "weights")
     monkeypatch.setenv("RESFORGE_MAX_CLASSES", "5")
     with pytest.raises(ArtifactError, match="above the limit of 5 classes"):

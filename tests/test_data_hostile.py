@@ -314,7 +314,7 @@ def test_cli_scan_of_a_damaged_npz_exits_2_with_one_line(tmp_path):
 # ---------------------------------------------------------------- limits
 
 def test_limits_are_named_and_settable(tmp_path, tmp_cache, monkeypatch):
-    with pytest.raises(ValueError, match="max_image_side=8192"):
+    with pytest.raises(ValueError, match="max_image_side=4096"):
         load_source("digits", image_size=100_000)                      # refused before allocating
     monkeypatch.setenv("RESFORGE_MAX_DATA_BYTES", "100000")
     with pytest.raises(ValueError, match="max_bytes.*RESFORGE_MAX_DATA_BYTES"):

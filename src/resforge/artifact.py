@@ -13,7 +13,7 @@ is one ArtifactError (a ValueError) naming the file, the field and what to do. N
 exception escapes these checks, whatever JSON they are given (tests/test_artifact_hostile.py).
 
 Limits, settable through the environment (read at every check):
-    RESFORGE_MAX_INPUT_SIDE  (4096)     largest input height / width an artifact may declare
+    RESFORGE_MAX_IMAGE_SIDE  (4096)     largest input height / width an artifact may declare (the data limit too)
     RESFORGE_MAX_CLASSES     (100000)   most classes (outputs) an artifact may declare
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from resforge.weights import WeightsError, read_torch_file
 
 FORMAT = "resforge-checkpoint"             # the sidecar's "format"
 FORMAT_VERSION = 1                         # the newest sidecar layout this resforge reads
-DEFAULT_MAX_INPUT_SIDE = 4096
+DEFAULT_MAX_IMAGE_SIDE = 4096
 DEFAULT_MAX_CLASSES = 100_000
 MAX_IN_CHANS = 64
 MAX_NAME_CHARS = 256                       # longest class name
@@ -55,8 +55,8 @@ class ArtifactError(WeightsError):
 
 
 def limit(name: str) -> int:
-    """The limit `name` ("max_input_side" | "max_classes"): RESFORGE_<NAME> or its default."""
-    default = {"max_input_side": DEFAULT_MAX_INPUT_SIDE, "max_classes": DEFAULT_MAX_CLASSES}[name]
+    """The limit `name` ("max_image_side" | "max_classes"): RESFORGE_<NAME> or its default."""
+    default = {"max_image_side": DEFAULT_MAX_IMAGE_SIDE, "max_classes": DEFAULT_MAX_CLASSES}[name]
     env = f"RESFORGE_{name.upper()}"
     raw = os.environ.get(env)
     if raw is None or raw == "":
@@ -207,11 +207,11 @@ def _validate_preprocessing(c: _Check, meta: dict, required_resize: bool) -> Non
     size = c.items(meta.get("input_size"), "input_size", 3)
     if size[0] != ch or not _is_int(size[0]):
         c.fail("input_size[0] (channels)", f"is {size[0]!r:.40} but model.in_chans is {ch}")
-    side = limit("max_input_side")
+    side = limit("max_image_side")
     for i, what in ((1, "height"), (2, "width")):
         if _is_int(size[i]) and size[i] > side:
             c.fail(f"input_size[{i}] ({what})", f"is {size[i]}, above the limit of {side} pixels",
-                   "set RESFORGE_MAX_INPUT_SIDE higher if that size is really meant")
+                   "set RESFORGE_MAX_IMAGE_SIDE higher if that size is really meant")
         c.integer(size[i], f"input_size[{i}] ({what})", 1, side)
     for key, lo in (("mean", -MAX_STAT), ("std", MIN_STD)):
         values = c.items(meta.get(key), key)

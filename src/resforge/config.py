@@ -382,7 +382,7 @@ CHOICES = {
     ("data", "channels"): (None, 1, 3),
 }
 
-MAX_IMAGE_SIZE = 4096      # pixels per side: far above any recipe; stops 10**9 from allocating
+MAX_IMAGE_SIZE = 4096      # pixels per side (= the data and artifact limit RESFORGE_MAX_IMAGE_SIDE default)
 MAX_SEED = 2**32 - 1       # numpy's seed range
 MAX_THREADS = 1024
 _INF = math.inf

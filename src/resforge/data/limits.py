@@ -5,7 +5,7 @@ and work a load takes, so each is bounded here and a breach is one sentence nami
 and how to raise it. Defaults, each settable by an environment variable:
 
     max_classes     100000   RESFORGE_MAX_CLASSES     classes a source may define (K of the head)
-    max_image_side  8192     RESFORGE_MAX_IMAGE_SIDE  height/width of the stored uint8 tensors
+    max_image_side  4096     RESFORGE_MAX_IMAGE_SIDE  height/width of the stored uint8 tensors
     max_bytes       (auto)   RESFORGE_MAX_DATA_BYTES  decoded bytes of a whole data set; by
                                                       default the memory available right now
 """
@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 DEFAULT_MAX_CLASSES = 100_000
-DEFAULT_MAX_IMAGE_SIDE = 8192
+DEFAULT_MAX_IMAGE_SIDE = 4096          # = artifact.DEFAULT_MAX_IMAGE_SIDE = config.MAX_IMAGE_SIZE: one limit
 ENV = {"max_classes": "RESFORGE_MAX_CLASSES", "max_image_side": "RESFORGE_MAX_IMAGE_SIDE",
        "max_bytes": "RESFORGE_MAX_DATA_BYTES"}
 
