@@ -60,7 +60,8 @@ def test_eval_tta_of_a_run_trained_without_flips_uses_no_mirror(run, monkeypatch
     assert "## Test-time augmentation" in md and "`shift(+1,+1)`" in md and "mirror" not in md.split("chosen")[0]
 
 
-def test_eval_writes_its_own_report_folder_and_never_replaces_one(run, tmp_path):
+def test_eval_writes_its_own_report_folder_and_never_replaces_one(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("RESFORGE_CACHE", str(tmp_path / "cache"))
     record = (run.dir / "report.json").read_bytes(), (run.dir / "report.md").read_bytes()
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "RESFORGE_CACHE": str(tmp_path / "cache")}
 
@@ -72,7 +73,8 @@ def test_eval_writes_its_own_report_folder_and_never_replaces_one(run, tmp_path)
     out = run.dir / "eval" / "best-test-tta"
     assert f"report: {out / 'report.md'}" in first.stdout and "is unchanged" in first.stdout
     assert json.loads((out / "report.json").read_text())["test"]["tta"] is True
-    assert cli("--tta").returncode == 0 and (run.dir / "eval" / "best-test-tta-2" / "report.json").is_file()
+    resforge.evaluate(run.dir, tta=True)                    # again: a second folder, nothing replaced
+    assert (run.dir / "eval" / "best-test-tta-2" / "report.json").is_file()
     assert ((run.dir / "report.json").read_bytes(), (run.dir / "report.md").read_bytes()) == record
     before = (out / "report.json").read_bytes()
     clash = cli("--out", str(out))                          # an existing report is never overwritten

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -145,7 +147,7 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     uninterrupted run in deterministic mode."""
     run_dir, snap, manifest = None, None, None
     if resume is not None:
-        run_dir = Path(resume)
+        run_dir = _resumable(Path(resume))
         saved = json.loads((run_dir / "config.json").read_text())
         cfg = load_config(None, overrides, base=saved)
         manifest = load_manifest(run_dir / "splits.json")
@@ -182,13 +184,31 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
          f"{bundle.channels}x{bundle.image_size[0]}x{bundle.image_size[1]}) on {rt.describe()} -> {run_dir}")
     if bundle.rejected:
         _say(f"  {len(bundle.rejected)} files rejected (listed in {run_dir / 'report.md'})")
-    result = fit(model, tb, vb, augment, rt, cfg.optim, cfg.train, checkpointer=_checkpointer(run_dir, meta),
-                 resume=snap, metrics_log=MetricsLog(run_dir / "metrics.csv"), train_eval_batches=teb)
-    results = evaluate_bundle(result.model, bundle, augment, rt, cfg.eval.splits, cfg.eval.tta,
-                              cfg.train.eval_batch_size, cfg.data.workers)
-    if is_main_process():
-        _finish_run(run_dir, meta, results, bundle, result, cfg, augment)
+    try:
+        result = fit(model, tb, vb, augment, rt, cfg.optim, cfg.train, checkpointer=_checkpointer(run_dir, meta),
+                     resume=snap, metrics_log=MetricsLog(run_dir / "metrics.csv"), train_eval_batches=teb)
+        results = evaluate_bundle(result.model, bundle, augment, rt, cfg.eval.splits, cfg.eval.tta,
+                                  cfg.train.eval_batch_size, cfg.data.workers)
+        if is_main_process():
+            _finish_run(run_dir, meta, results, bundle, result, cfg, augment)
+    except KeyboardInterrupt:
+        if is_main_process():      # the last completed epoch is saved: say how to go on from it
+            print(f"\ninterrupted; to continue this run: resforge train --resume {shlex.quote(str(run_dir))}",
+                  file=sys.stderr, flush=True)
+        raise
     return TrainRun(run_dir, cfg, result.model, meta, results, result.train_seconds)
+
+
+def _resumable(run_dir: Path) -> Path:
+    """The run folder to resume, or one sentence saying why it cannot be."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"cannot resume {run_dir}: no such folder; pass the folder of an earlier "
+                                "`resforge train` run (e.g. runs/resnet20-digits)")
+    for f in ("config.json", "splits.json"):
+        if not (run_dir / f).is_file():
+            raise ValueError(f"cannot resume {run_dir}: it has no {f}, so it is not a resforge run folder; "
+                             "pass the folder `resforge train` printed, or start a new run without --resume")
+    return run_dir
 
 
 def _fit_budget(cfg: RunConfig, model: nn.Module, tb, eval_batches: list, augment: Augmenter, rt: Runtime):
@@ -217,7 +237,8 @@ def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cf
     if cfg.eval.tta:
         extra["tta"] = tta_record(augment, "the run's aug config")
     write_report(run_dir, results, meta=meta, extra=extra)
-    plot_training_curves(run_dir / "metrics.csv", run_dir / "results.png")
+    plot_training_curves(run_dir / "metrics.csv", run_dir / "results.png",
+                         label_smoothing=cfg.optim.label_smoothing)
     summary = "  ".join(f"{s} top1 {r['top1']:.4f}" for s, r in results.items())
     _say(f"done in {fit_result.train_seconds:.1f}s: {summary}\nreport: {run_dir / 'report.md'}\n"
          f"weights: {run_dir / 'weights' / 'best.safetensors'}")
