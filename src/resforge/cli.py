@@ -261,9 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="data source (default: the run's own)")
     e.add_argument("--model", default=None, help="architecture, for third-party weights (e.g. resnet56)")
     e.add_argument("--split", action="append", help="split(s) to evaluate (default test; repeatable)")
-    e.add_argument("--tta", action="store_true", help="test-time augmentation (flip + shifts)")
+    e.add_argument("--tta", action="store_true", help="test-time augmentation: the views the network trained "
+                   "with (mirror if it trained with flips, 1-px shifts if with translations)")
     e.add_argument("--batch-size", type=int, default=512)
-    e.add_argument("--out", default=None, help="report folder (default: the run folder)")
+    e.add_argument("--out", default=None, help="new report folder (default: RUN/eval/<weights>-<splits>[-tta]; "
+                   "the run's own report is never replaced)")
     e.add_argument("--device", default="auto")
     e.add_argument("--data-root", default=None)
     e.add_argument("--download", action="store_true")

@@ -302,22 +302,24 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
         final.load_state_dict(best_weights)
     recal = None
     if state.epoch > 0 and _wants_recalibration(train_cfg, state.step):
-        recal = _recalibrate_final(final, train_batches, val_batches, augment, rt, train_cfg, state, restored,
-                                   checkpointer, desc)
+        recal, row, tags = _recalibrate_final(final, train_batches, val_batches, augment, rt, train_cfg, state,
+                                              restored, desc)
+        for tag in tags if checkpointer is not None else ():    # eval/predict/export load what was tested
+            checkpointer(tag, final, state, row, resume=None if tag == "best" else
+                         _snapshot(state, model, opt, sched, ema, scaler, best_weights, lookahead))
     return FitResult(final, state, state.seconds, recal)
 
 
 def _recalibrate_final(final: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Runtime,
-                       cfg: TrainConfig, state: FitState, restored: bool, checkpointer, desc: str) -> dict | None:
-    """recalibrate_bn on the weights fit returns, re-validate, and rewrite the checkpoints that hold
-    those weights (so `resforge eval/predict/export` use the same statistics as the final test)."""
+                       cfg: TrainConfig, state: FitState, restored: bool, desc: str) -> tuple[dict | None, dict, list]:
+    """recalibrate_bn on the weights fit returns and re-validate them. -> (what was done, or None
+    when no BN layer runs in train mode; their metrics row; the checkpoint tags holding them)."""
     t0 = time.perf_counter()
     g = epoch_generator(cfg.seed, cfg.epochs, rt.device)   # its own fixed stream: a resumed run does the same
     n = recalibrate_bn(final, train_batches, augment, rt, max_images=BN_RECALIBRATE_IMAGES, generator=g)
-    if n == 0:                                            # no BN layer runs in train mode
-        return None
-    info = {"images": n, "seconds": round(time.perf_counter() - t0, 3), "steps": state.step,
-            "mode": cfg.bn_recalibrate}
+    if n == 0:
+        return None, {}, []
+    info = {"images": n, "steps": state.step, "mode": cfg.bn_recalibrate}
     epoch = state.best_epoch if restored else state.epoch
     row = dict(next((r for r in state.history if r["epoch"] == epoch), {"epoch": epoch}))
     if val_batches is not None:
@@ -326,15 +328,13 @@ def _recalibrate_final(final: nn.Module, train_batches, val_batches, augment: Au
         info["val_after"] = after
         row |= after
     info["seconds"] = round(time.perf_counter() - t0, 3)
-    if checkpointer is not None:
-        same = state.best_epoch == state.epoch                # best and last hold the same weights
-        for tag in [t for t, ok in (("best", restored or same), ("last", not restored or same)) if ok]:
-            checkpointer(tag, final, state, {**row, "bn_recalibrated_images": n})
+    same = state.best_epoch == state.epoch                    # best and last hold the same weights
+    tags = [t for t, ok in (("best", restored or same), ("last", not restored or same)) if ok]
     change = (f": val_acc {info['val_before'].get('val_acc', float('nan')):.4f} -> {info['val_after']['val_acc']:.4f}"
               if "val_after" in info else "")
     _log(f"{desc}BatchNorm statistics recalibrated on {n} un-augmented training images "
          f"({info['seconds']:.1f}s, train.bn_recalibrate={cfg.bn_recalibrate}){change}")
-    return info
+    return info, {**row, "bn_recalibrated_images": n}, tags
 
 
 def _finite(row: dict) -> bool:
