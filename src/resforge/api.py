@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from resforge import __version__
-from resforge.checkpoint import (atomic_write_text, load_for_inference, load_state, read_meta,
+from resforge.checkpoint import (atomic_write_text, load_for_inference, load_state,
                                  resolve_weights, save_checkpoint, save_state)
 from resforge.config import AugConfig, RunConfig, load_config
 from resforge.data import load_manifest, load_source, make_splits, save_manifest, subset
