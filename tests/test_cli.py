@@ -37,8 +37,9 @@ def test_eval_on_a_run_reuses_its_test_split(run_dir, capsys):
     assert main(["eval", str(run_dir), "--split", "test", "--split", "val", "--tta"]) == 0
     out = capsys.readouterr().out
     assert "test: top1" in out and "val: top1" in out
-    report = json.loads((run_dir / "report.json").read_text())
+    report = json.loads((run_dir / "eval" / "best-test-val-tta" / "report.json").read_text())   # its own folder
     assert report["test"]["n"] == 360 and report["test"]["tta"] is True
+    assert json.loads((run_dir / "report.json").read_text())["test"]["tta"] is False   # the record stays
 
 
 def test_predict_files_and_folders(run_dir, tmp_path, capsys):

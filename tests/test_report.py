@@ -114,3 +114,27 @@ def test_plot_training_curves_minimal_and_empty(tmp_path):
     _assert_png(plot_training_curves(csv_path, tmp_path / "a.png"))
     _write_metrics_csv(csv_path, [], ["epoch", "lr", "train_loss", "val_loss"])  # header only
     _assert_png(plot_training_curves(csv_path, tmp_path / "b.png"))
+
+
+def test_results_png_says_the_training_loss_includes_label_smoothing(tmp_path, monkeypatch):
+    import resforge.plots as plots
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figs.append(fig) or out)
+    csv_path = tmp_path / "metrics.csv"
+    _write_metrics_csv(csv_path, [[1, 0.1, 1.2, 0.5, 0.9, 0.6], [2, 0.0, 0.8, 0.8, 0.4, 0.9]],
+                       ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc"])
+    for ls in (0.1, 0.0):
+        plot_training_curves(csv_path, tmp_path / "r.png", label_smoothing=ls)
+    legends = [[t.get_text() for t in fig.axes[0].get_legend().get_texts()] for fig in figs]
+    assert legends[0] == ["train_loss (incl. label smoothing 0.1)", "val_loss"]
+    assert legends[1] == ["train_loss", "val_loss"]
+
+
+def test_report_md_names_the_tta_views(tmp_path):
+    m = {**_metrics(5), "tta": True, "tta_views": ["identity", "shift(+1,+1)", "shift(-1,-1)"]}
+    tta = {"views": m["tta_views"], "from": "the run's aug config (config.json)"}
+    _, md_path = write_report(tmp_path, {"test": m}, meta=META, extra={"tta": tta})
+    md = md_path.read_text()
+    assert "| TTA views |" in md and "3 (TTA)" in md
+    assert "## Test-time augmentation" in md and "`shift(-1,-1)`" in md and "the run's aug config" in md
+    assert json.loads((tmp_path / "report.json").read_text())["tta"]["views"] == m["tta_views"]

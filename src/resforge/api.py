@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,9 +22,9 @@ import torch
 from torch import nn
 
 from resforge import __version__
-from resforge.checkpoint import (atomic_write_text, load_for_inference, load_state, read_meta,
+from resforge.checkpoint import (atomic_write_text, load_for_inference, load_state,
                                  resolve_weights, save_checkpoint, save_state)
-from resforge.config import RunConfig, load_config
+from resforge.config import AugConfig, RunConfig, load_config
 from resforge.data import load_manifest, load_source, make_splits, save_manifest, subset
 from resforge.data import scan as _scan
 from resforge.data.augment import Augmenter
@@ -145,7 +147,7 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     uninterrupted run in deterministic mode."""
     run_dir, snap, manifest = None, None, None
     if resume is not None:
-        run_dir = Path(resume)
+        run_dir = _resumable(Path(resume))
         saved = json.loads((run_dir / "config.json").read_text())
         cfg = load_config(None, overrides, base=saved)
         manifest = load_manifest(run_dir / "splits.json")
@@ -182,13 +184,31 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
          f"{bundle.channels}x{bundle.image_size[0]}x{bundle.image_size[1]}) on {rt.describe()} -> {run_dir}")
     if bundle.rejected:
         _say(f"  {len(bundle.rejected)} files rejected (listed in {run_dir / 'report.md'})")
-    result = fit(model, tb, vb, augment, rt, cfg.optim, cfg.train, checkpointer=_checkpointer(run_dir, meta),
-                 resume=snap, metrics_log=MetricsLog(run_dir / "metrics.csv"), train_eval_batches=teb)
-    results = evaluate_bundle(result.model, bundle, augment, rt, cfg.eval.splits, cfg.eval.tta,
-                              cfg.train.eval_batch_size, cfg.data.workers)
-    if is_main_process():
-        _finish_run(run_dir, meta, results, bundle, result, cfg)
+    try:
+        result = fit(model, tb, vb, augment, rt, cfg.optim, cfg.train, checkpointer=_checkpointer(run_dir, meta),
+                     resume=snap, metrics_log=MetricsLog(run_dir / "metrics.csv"), train_eval_batches=teb)
+        results = evaluate_bundle(result.model, bundle, augment, rt, cfg.eval.splits, cfg.eval.tta,
+                                  cfg.train.eval_batch_size, cfg.data.workers)
+        if is_main_process():
+            _finish_run(run_dir, meta, results, bundle, result, cfg, augment)
+    except KeyboardInterrupt:
+        if is_main_process():      # the last completed epoch is saved: say how to go on from it
+            print(f"\ninterrupted; to continue this run: resforge train --resume {shlex.quote(str(run_dir))}",
+                  file=sys.stderr, flush=True)
+        raise
     return TrainRun(run_dir, cfg, result.model, meta, results, result.train_seconds)
+
+
+def _resumable(run_dir: Path) -> Path:
+    """The run folder to resume, or one sentence saying why it cannot be."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"cannot resume {run_dir}: no such folder; pass the folder of an earlier "
+                                "`resforge train` run (e.g. runs/resnet20-digits)")
+    for f in ("config.json", "splits.json"):
+        if not (run_dir / f).is_file():
+            raise ValueError(f"cannot resume {run_dir}: it has no {f}, so it is not a resforge run folder; "
+                             "pass the folder `resforge train` printed, or start a new run without --resume")
+    return run_dir
 
 
 def _fit_budget(cfg: RunConfig, model: nn.Module, tb, eval_batches: list, augment: Augmenter, rt: Runtime):
@@ -205,14 +225,20 @@ def _write_run_files(run_dir: Path, cfg: RunConfig, manifest: dict, bundle) -> N
     save_manifest(run_dir / "splits.json", manifest)
 
 
-def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cfg: RunConfig) -> None:
+def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cfg: RunConfig,
+                augment: Augmenter) -> None:
     extra = {"rejected": list(bundle.rejected), "train_seconds": round(fit_result.train_seconds, 2),
              "timed_epochs": fit_result.state.timed_epochs,     # < epochs_run: resumed from an untimed state
              "best_epoch": fit_result.state.best_epoch, "epochs_run": fit_result.state.epoch,
              "split_hash": meta["split_hash"], "data": {**meta["data"], "splits": _split_counts(bundle)},
              "ignored_files": bundle.extra.get("ignored", 0)}
+    if fit_result.bn_recalibration is not None:
+        extra["bn_recalibration"] = fit_result.bn_recalibration
+    if cfg.eval.tta:
+        extra["tta"] = tta_record(augment, "the run's aug config")
     write_report(run_dir, results, meta=meta, extra=extra)
-    plot_training_curves(run_dir / "metrics.csv", run_dir / "results.png")
+    plot_training_curves(run_dir / "metrics.csv", run_dir / "results.png",
+                         label_smoothing=cfg.optim.label_smoothing)
     summary = "  ".join(f"{s} top1 {r['top1']:.4f}" for s, r in results.items())
     _say(f"done in {fit_result.train_seconds:.1f}s: {summary}\nreport: {run_dir / 'report.md'}\n"
          f"weights: {run_dir / 'weights' / 'best.safetensors'}")
@@ -259,53 +285,132 @@ def evaluate_bundle(model: nn.Module, bundle, augment: Augmenter, rt: Runtime, s
         logits, labels = predict_logits(model, batches, augment, rt, tta=tta)
         out[s] = classification_metrics(logits.numpy(), labels.numpy(), list(bundle.class_names))
         out[s]["tta"] = tta
+        if tta:
+            out[s]["tta_views"] = augment.tta_view_names()
     return out
+
+
+# Test-time views for weights that carry no augmentation config of their own (torchvision/timm,
+# akamaster): ImageNet and CIFAR networks are trained with mirrors and shifted crops, so the
+# mirror and (for small images) one-pixel shifts are views they know.
+THIRD_PARTY_TTA_AUG = AugConfig(flip="random", translate=1)
+
+
+def tta_record(augment: Augmenter, source: str) -> dict:
+    """report.json's "tta": the views averaged and where their choice came from."""
+    a = augment.cfg
+    return {"views": augment.tta_view_names(), "from": source,
+            "aug": {"flip": a.flip, "translate": a.translate}}
 
 
 def evaluate(source: str | Path, *, data: str | None = None, splits=("test",), tta: bool = False,
              model: str | None = None, batch_size: int = 512, out_dir: str | Path | None = None,
              device: str = "auto", data_root: str | None = None, download: bool = False) -> dict:
-    """Evaluate a run folder or a weights file on splits of a data source; writes report.json,
-    report.md and confusion matrices into `out_dir` (default: the run folder, or
-    runs/eval-<weights>) and returns {split: metrics}."""
+    """Evaluate a run folder or a weights file on splits of a data source; returns {split: metrics}
+    and writes report.json, report.md and confusion matrices into a new folder: `out_dir` (which
+    must not hold a report already), else RUN/eval/<weights>-<splits>[-tta] beside the run's own
+    report (never replaced), else runs/eval-<weights>.
+
+    Trust boundary: the weights' sidecar describes the network (architecture, classes,
+    preprocessing, augmentation) but never names data, paths, downloads or caches. Without
+    `data`, the data is the run's own, read from the run folder around the weights (config.json
+    and splits.json beside weights/); `data_root`, `download` and the cache (RESFORGE_CACHE) are
+    always the caller's."""
     rt = make_runtime(device, "auto", True)
     weights = resolve_weights(source)
-    run_dir = weights.parent.parent if weights.parent.name == "weights" else None
-    saved = read_meta(weights)
-    spec = data or (saved.get("config", {}).get("data", {}).get("source"))
-    if spec is None:
-        raise ValueError(f"{weights} does not say which data it was trained on: pass --data")
+    run_dir = _run_folder(weights)
+    if out_dir is not None:
+        _refuse_existing_report(Path(out_dir))
+    if data is None and run_dir is None:
+        raise ValueError(f"{weights} is not inside a run folder (with config.json and splits.json beside "
+                         "its weights/ folder), so nothing says which data to evaluate it on: pass --data")
     m, meta = load_for_inference(weights, model_name=model, device=rt.device)
     c, h, w = meta["input_size"]
     fixed_size = meta.get("source_format") is None          # resforge checkpoints fix the size
-    if data is None and saved.get("config"):
-        # The run's own data: rebuild it exactly as training did, with its saved splits.
-        manifest_path = run_dir / "splits.json" if run_dir is not None else None
-        manifest = load_manifest(manifest_path) if manifest_path and manifest_path.is_file() else None
-        bundle, _ = prepare_data(load_config(None, base=saved["config"]), manifest)
+    run_cfg = _run_config(run_dir) if run_dir is not None else None
+    if data is None:
+        # The run's own data, rebuilt as training did with its saved splits; where files and
+        # caches are found stays local (arguments, environment), whatever the config says.
+        d = replace(run_cfg.data, data_root=data_root, download=download, cache_dir=None, manifest=None)
+        bundle, _ = prepare_data(replace(run_cfg, data=d), load_manifest(run_dir / "splits.json"))
     else:
-        bundle = load_source(spec, image_size=(h, w) if fixed_size else None, channels=c,
+        bundle = load_source(data, image_size=(h, w) if fixed_size else None, channels=c,
                              data_root=data_root, download=download)
         bundle, _ = make_splits(bundle)
     meta = _reconcile_classes(meta, bundle, weights)
     if not fixed_size:
         meta["input_size"] = [c, *bundle.image_size]
     m = m.to(memory_format=torch.channels_last)
-    augment = Augmenter(RunConfig().aug, meta["mean"], meta["std"], len(meta["class_names"]),
-                        tuple(meta["input_size"][1:]))
+    aug, aug_from = _eval_aug(run_cfg, meta, weights)
+    augment = Augmenter(aug, meta["mean"], meta["std"], len(meta["class_names"]), tuple(meta["input_size"][1:]))
     t0 = time.perf_counter()
     results = evaluate_bundle(m, bundle, augment, rt, splits, tta, batch_size)
     if not results:
         raise ValueError(f"none of the splits {list(splits)} exist in {bundle.name}: it has {list(bundle.splits)}")
-    out = Path(out_dir) if out_dir else (run_dir or new_run_dir("runs", f"eval-{weights.stem}"))
     extra = {"weights": str(weights), "data": {"source": bundle.name, "splits": _split_counts(bundle)},
              "eval_seconds": round(time.perf_counter() - t0, 2), "rejected": list(bundle.rejected)}
+    if tta:
+        extra["tta"] = tta_record(augment, aug_from)
+    out = _eval_out_dir(out_dir, run_dir, weights, bundle.name if data else None, splits, tta)
     write_report(out, results, meta=meta, extra=extra)
+    if tta:
+        _say(f"TTA: {len(extra['tta']['views'])} views ({', '.join(extra['tta']['views'])}), chosen by {aug_from}"
+             + ("; it declares no flip or shift, so this is the plain evaluation" if len(extra["tta"]["views"]) == 1
+                else ""))
     for s, r in results.items():
         _say(f"{s}: top1 {r['top1']:.4f}  top5 {r['top5']:.4f}  macro-F1 {r['macro']['f1']:.4f}  "
              f"ECE {r['ece']:.4f}  (n={r['n']}{', TTA' if tta else ''})")
-    _say(f"report: {out / 'report.md'}")
+    _say(f"report: {out / 'report.md'}" + (f" (the run's own report {run_dir / 'report.md'} is unchanged)"
+                                           if run_dir is not None and out_dir is None else ""))
     return results
+
+
+def _run_folder(weights: Path) -> Path | None:
+    """RUN when the weights are RUN/weights/<tag>.safetensors with RUN/config.json and RUN/splits.json."""
+    run = weights.parent.parent
+    if weights.parent.name == "weights" and (run / "config.json").is_file() and (run / "splits.json").is_file():
+        return run
+    return None
+
+
+def _run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the run folder is damaged; pass --data to "
+                         "evaluate its weights on named data") from None
+    return load_config(None, base=saved)         # validated as any config
+
+
+def _eval_aug(run_cfg: RunConfig | None, meta: dict, weights: Path) -> tuple[AugConfig, str]:
+    """The augmentation whose views TTA may use: the run's, else the checkpoint's (validated), else
+    THIRD_PARTY_TTA_AUG."""
+    if run_cfg is not None:
+        return run_cfg.aug, "the run's aug config (config.json)"
+    saved = meta.get("config", {}).get("aug") if isinstance(meta.get("config"), dict) else None
+    if isinstance(saved, dict) and meta.get("source_format") is None:
+        return load_config(None, base={"aug": saved}).aug, f"the aug config saved with {weights.name}"
+    return THIRD_PARTY_TTA_AUG, ("resforge's default for weights without an aug config (flip + 1-px shifts, "
+                                 "as ImageNet/CIFAR networks are trained)")
+
+
+def _refuse_existing_report(out: Path) -> None:
+    if (out / "report.json").exists() or (out / "report.md").exists():
+        raise ValueError(f"{out} already holds a report (report.json/report.md), which would be overwritten: "
+                         "name a new folder with --out, or leave --out out to get a fresh one")
+
+
+def _eval_out_dir(out_dir, run_dir: Path | None, weights: Path, data_name: str | None, splits, tta: bool) -> Path:
+    """A report folder of its own: out_dir (re-checked: nothing overwritten), else a new folder."""
+    if out_dir is not None:
+        out = Path(out_dir)
+        _refuse_existing_report(out)
+        return out
+    if run_dir is None:
+        return new_run_dir("runs", f"eval-{weights.stem}")
+    name = "-".join([weights.stem, *([Path(data_name).stem] if data_name else []), *splits, *(["tta"] if tta else [])])
+    return new_run_dir(run_dir / "eval", name)
 
 
 def _reconcile_classes(meta: dict, bundle, weights: Path) -> dict:

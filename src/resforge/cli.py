@@ -385,9 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="data source (default: the run's own)")
     e.add_argument("--model", default=None, help=MODEL_HELP + ", e.g. resnet56")
     e.add_argument("--split", action="append", help="split(s) to evaluate (default test; repeatable)")
-    e.add_argument("--tta", action="store_true", help="test-time augmentation (flip + shifts)")
+    e.add_argument("--tta", action="store_true", help="test-time augmentation: the views the network trained "
+                   "with (mirror if it trained with flips, 1-px shifts if with translations)")
     e.add_argument("--batch-size", type=_count, default=512)
-    e.add_argument("--out", default=None, help="report folder (default: the run folder)")
+    e.add_argument("--out", default=None, help="new report folder (default: RUN/eval/<weights>-<splits>[-tta]; "
+                   "the run's own report is never replaced)")
     e.add_argument("--device", default="auto", help="auto | cpu | mps | cuda | cuda:N | N")
     e.add_argument("--threads", type=_count, default=None, help=THREADS_HELP)
     e.add_argument("--data-root", default=None, help="folder holding named sources (default: RESFORGE_DATA)")

@@ -109,6 +109,9 @@ class TrainConfig:
     eval_train: int = 0               # each epoch, error of a fixed un-augmented train subset this big
                                       # (eval mode: He et al.'s training error); 0 = off
     grad_norms: bool = False          # log per-stage gradient L2 norms (epoch means) to metrics.csv
+    bn_recalibrate: str = "auto"      # after training, re-estimate BatchNorm running statistics on un-augmented
+                                      # training images: auto (when a fit took < 1000 optimiser steps, where the
+                                      # running averages lag the weights) | always | never
 
 
 @dataclass
@@ -374,6 +377,7 @@ CHOICES = {
     ("optim", "milestone_unit"): ("auto", "fraction", "epoch", "step"),
     ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
     ("train", "monitor"): ("val_acc", "val_loss"),
+    ("train", "bn_recalibrate"): ("auto", "always", "never"),
     ("finetune", "bn"): ("auto", "train", "freeze-stats", "freeze"),
     ("finetune", "head_init"): ("probe", "fresh"),
     ("finetune", "decay_unit"): ("stage", "block"),

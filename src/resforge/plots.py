@@ -26,12 +26,15 @@ _LOG_PANELS = ("learning rate", _GRAD_TITLE)
 _MAX_EXTRA_PANELS = 9  # keeps the grid readable if a run logs many columns
 
 
-def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
+def plot_training_curves(metrics_csv: Path, out_png: Path, *, label_smoothing: float = 0.0) -> Path:
     """Draw loss / accuracy / lr panels (train vs val) plus one panel per other numeric column.
 
     metrics.csv columns: epoch, lr, train_loss, train_acc, val_loss, val_acc and optionally more
     (val_top5, val_ece, ...). Missing columns are skipped; empty cells become gaps (NaN).
     Rows repeated for the same epoch (a resumed run) keep the last one.
+    label_smoothing: the run's optim.label_smoothing. train_loss is the loss optimised, which then
+    includes it (a floor above 0), while val/train_eval losses are plain cross-entropy; the
+    legend says so, or the gap between the curves reads as overfitting.
     """
     cols = read_metrics_csv(metrics_csv)
     x = cols.pop("epoch", None)
@@ -41,8 +44,9 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
     nrows, ncols = _grid(len(panels))
     fig = _new_figure(nrows, ncols, cell=(4.0, 3.0))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    labels = {"train_loss": f"train_loss (incl. label smoothing {label_smoothing:g})"} if label_smoothing else {}
     for ax, (title, names) in zip(axes, panels):
-        _draw_panel(ax, x, {c: cols[c] for c in names}, title)
+        _draw_panel(ax, x, {c: cols[c] for c in names}, title, labels)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     if n == 0:
@@ -124,17 +128,19 @@ def _panel_specs(cols: dict[str, np.ndarray]) -> list[tuple[str, tuple[str, ...]
     return panels or [("no metrics", ())]
 
 
-def _draw_panel(ax, x: np.ndarray, series: dict[str, np.ndarray], title: str) -> None:
+def _draw_panel(ax, x: np.ndarray, series: dict[str, np.ndarray], title: str,
+                labels: dict[str, str] | None = None) -> None:
     marker = "o" if len(x) <= 30 else None  # dots help read short runs, clutter long ones
+    labels = labels or {}
     for name, y in series.items():
         style = "--" if name.startswith("train") else "-"
-        ax.plot(x, y, style, marker=marker, markersize=3, label=name)
+        ax.plot(x, y, style, marker=marker, markersize=3, label=labels.get(name, name))
     if title in _LOG_PANELS and series and _positive_span(series) > 100:
         ax.set_yscale("log")  # warmup/decay spanning decades is unreadable on a linear axis
     ax.set_title(title)
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if len(series) > 1 or any(n in labels for n in series):
         ax.legend(fontsize=8)
 
 

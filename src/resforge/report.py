@@ -60,10 +60,12 @@ def render_markdown(report: dict) -> str:
     """Readable report.md from a report.json-shaped dict."""
     splits = report.get("splits", [])
     parts = [_md_header(report), _md_summary(report, splits)]
+    if isinstance(report.get("tta"), dict):
+        parts.append(_md_tta(report["tta"]))
     parts += [_md_per_class(split, report[split]) for split in splits if report[split].get("per_class")]
     if report.get("rejected"):
         parts.append(_md_rejected(report["rejected"]))
-    notes = {k: v for k, v in report.items() if k not in (*_RESERVED, *splits, "rejected")}
+    notes = {k: v for k, v in report.items() if k not in (*_RESERVED, *splits, "rejected", "tta")}
     if notes:
         parts.append(_md_notes(notes))
     return "\n\n".join(parts) + "\n"
@@ -190,13 +192,17 @@ def _md_header(report: dict) -> str:
 
 def _md_summary(report: dict, splits: list[str]) -> str:
     has_auc = any(report[s].get("auc") is not None for s in splits)
-    head = ["split", "n", "top-1", "top-5", "macro-F1", "ECE", "NLL"] + (["AUC"] if has_auc else [])
+    has_tta = any("tta" in report[s] for s in splits)
+    head = (["split", "n", "top-1", "top-5", "macro-F1", "ECE", "NLL"] + (["AUC"] if has_auc else [])
+            + (["TTA views"] if has_tta else []))
     rows = []
     for s in splits:
         m = report[s]
         row = [s, str(m.get("n", "")), _pct(m.get("top1")), _pct(m.get("top5")),
                _pct((m.get("macro") or {}).get("f1")), _pct(m.get("ece")), _num(m.get("nll"))]
-        rows.append(row + ([_num(m.get("auc"))] if has_auc else []))
+        views = len(m.get("tta_views") or []) if m.get("tta") else 0
+        rows.append(row + ([_num(m.get("auc"))] if has_auc else [])
+                    + ([f"{views} (TTA)" if views else "1 (no TTA)"] if has_tta else []))
     return "## Summary\n\n" + _md_table(head, rows)
 
 
@@ -209,6 +215,14 @@ def _md_per_class(split: str, m: dict) -> str:
             a = m[avg]
             rows.append([f"*{avg} avg*", _pct(a["precision"]), _pct(a["recall"]), _pct(a["f1"]), str(m.get("n", ""))])
     return f"## Per-class: {split}\n\n" + _md_table(head, rows)
+
+
+def _md_tta(tta: dict) -> str:
+    views = tta.get("views") or []
+    return ("## Test-time augmentation\n\n"
+            f"Logits averaged over {len(views)} view(s): {', '.join(f'`{v}`' for v in views)}; "
+            f"chosen by {tta.get('from', '?')}. A mirror is used only for networks trained with flips, "
+            "one-pixel shifts only for networks trained with translations.")
 
 
 def _md_rejected(rejected: list[dict]) -> str:

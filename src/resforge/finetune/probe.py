@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resforge.config import OptimConfig, RunConfig, TrainConfig
-from resforge.training.loop import fit
+from resforge.training.loop import fit, recalibrate_bn
 
 
 @torch.no_grad()
@@ -42,20 +42,7 @@ def reestimate_bn(model: nn.Module, bns: list[nn.Module], batches, augment, rt) 
     in training mode, so a head fitted on cached features fits the network fine-tuning starts
     from (measured without it: pretrained ResNet-18 features on BreastMNIST spread 14x wider
     in train mode, and the probe-initialised head blew the first epoch's loss up to 140)."""
-    if not bns:
-        return
-    model.eval()
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None                             # cumulative average over the pass
-        m.train()
-    for x_u8, _, _ in batches.batches(None):
-        with rt.autocast():
-            model(rt.to_input(augment.eval_view(x_u8)))
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-    model.eval()
+    recalibrate_bn(model, batches, augment, rt, bns=bns)       # the training loop's pass, over every image
 
 
 class FeatureBatches:

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from resforge.config import OptimConfig, TrainConfig
-from resforge.data.augment import Augmenter, tta_views
+from resforge.data.augment import Augmenter
 from resforge.data.loader import epoch_generator
 from resforge.runs import MetricsLog, is_main_process
 from resforge.training.device import Runtime
@@ -130,17 +130,74 @@ def train_one_epoch(model: nn.Module, batches, augment: Augmenter, updater: Upda
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches, augment: Augmenter, rt: Runtime,
                    tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, K) fp32 on CPU and labels (N,) for a whole split, in the split's order."""
+    """Logits (N, K) fp32 on CPU and labels (N,) for a whole split, in the split's order; with
+    `tta` the mean over the views the augmenter declares (Augmenter.tta_views)."""
     model.eval()
     outs, labels = [], []
     for x_u8, y, _ in batches.batches(None):
         x = augment.eval_view(x_u8)
-        views = tta_views(x) if tta else [x]
+        views = augment.tta_views(x) if tta else [x]
         with rt.autocast():
             logits = sum(model(rt.to_input(v)).float() for v in views) / len(views)
         outs.append(logits.cpu())
         labels.append(y.cpu())
     return torch.cat(outs), torch.cat(labels)
+
+
+BN_RECALIBRATE_STEPS = 1000        # train.bn_recalibrate=auto: fits with fewer optimiser steps are recalibrated
+BN_RECALIBRATE_IMAGES = 4096       # images per recalibration pass (a strided sample of a bigger training set)
+
+
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches, augment: Augmenter, rt: Runtime, *, bns: list[nn.Module] | None = None,
+                   max_images: int | None = None, generator: torch.Generator | None = None) -> int:
+    """Replace BatchNorm running statistics by a cumulative average over one pass of un-augmented
+    images (`augment.eval_view`, what evaluation sees); no weight changes. -> images used.
+
+    The running averages (momentum 0.1) trail the weights: after a few dozen steps at a high rate
+    they describe earlier weights and eval mode collapses (digits, 1 epoch: val loss 712, 10% test).
+    bns: the layers to recalibrate (default: every BN layer); a layer that a forward pre-hook
+    keeps in eval mode (fine-tuning's frozen statistics) is never touched, every other layer
+    runs in eval mode (dropout off)."""
+    bns = _batchnorms(model) if bns is None else list(bns)
+    if not bns:
+        return 0
+    model.eval()
+    momenta, started = {m: m.momentum for m in bns}, set()
+
+    def reset_on_first_forward(m, args):
+        # runs after any earlier pre-hook: a layer locked in eval mode is seen as such and kept
+        if m.training and m not in started:
+            m.reset_running_stats()
+            m.momentum = None                       # cumulative average over the pass
+            started.add(m)
+
+    hooks = [m.register_forward_pre_hook(reset_on_first_forward) for m in bns]
+    try:
+        for m in bns:
+            m.train()
+        seen = 0
+        for x_u8, _, _ in batches.batches(generator):
+            with rt.autocast():
+                model(rt.to_input(augment.eval_view(x_u8)))
+            seen += len(x_u8)
+            if max_images is not None and seen >= max_images:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        model.eval()
+    return seen if started else 0
+
+
+def _wants_recalibration(cfg: TrainConfig, steps: int) -> bool:
+    return cfg.bn_recalibrate == "always" or (cfg.bn_recalibrate == "auto" and steps < BN_RECALIBRATE_STEPS)
 
 
 def val_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -161,6 +218,7 @@ class FitResult:
     model: nn.Module                   # the weights to use (EMA if enabled; best if restored)
     state: FitState
     train_seconds: float               # over the whole run, resumed sessions included (state.timed_epochs)
+    bn_recalibration: dict | None = None  # what recalibrate_bn did at the end (None: not done)
 
 
 def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Runtime,
@@ -239,9 +297,44 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
             _log(f"{desc}time budget train.max_seconds={train_cfg.max_seconds:g} reached after epoch {epoch + 1}")
             break
     final = ema.module if ema is not None else model
-    if train_cfg.restore_best and best_weights is not None:
+    restored = train_cfg.restore_best and best_weights is not None
+    if restored:
         final.load_state_dict(best_weights)
-    return FitResult(final, state, state.seconds)
+    recal = None
+    if state.epoch > 0 and _wants_recalibration(train_cfg, state.step):
+        recal, row, tags = _recalibrate_final(final, train_batches, val_batches, augment, rt, train_cfg, state,
+                                              restored, desc)
+        for tag in tags if checkpointer is not None else ():    # eval/predict/export load what was tested
+            checkpointer(tag, final, state, row, resume=None if tag == "best" else
+                         _snapshot(state, model, opt, sched, ema, scaler, best_weights, lookahead))
+    return FitResult(final, state, state.seconds, recal)
+
+
+def _recalibrate_final(final: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Runtime,
+                       cfg: TrainConfig, state: FitState, restored: bool, desc: str) -> tuple[dict | None, dict, list]:
+    """recalibrate_bn on the weights fit returns and re-validate them. -> (what was done, or None
+    when no BN layer runs in train mode; their metrics row; the checkpoint tags holding them)."""
+    t0 = time.perf_counter()
+    g = epoch_generator(cfg.seed, cfg.epochs, rt.device)   # its own fixed stream: a resumed run does the same
+    n = recalibrate_bn(final, train_batches, augment, rt, max_images=BN_RECALIBRATE_IMAGES, generator=g)
+    if n == 0:
+        return None, {}, []
+    info = {"images": n, "steps": state.step, "mode": cfg.bn_recalibrate}
+    epoch = state.best_epoch if restored else state.epoch
+    row = dict(next((r for r in state.history if r["epoch"] == epoch), {"epoch": epoch}))
+    if val_batches is not None:
+        after = val_metrics(*predict_logits(final, val_batches, augment, rt))
+        info["val_before"] = {k: row[k] for k in after if k in row}
+        info["val_after"] = after
+        row |= after
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    same = state.best_epoch == state.epoch                    # best and last hold the same weights
+    tags = [t for t, ok in (("best", restored or same), ("last", not restored or same)) if ok]
+    change = (f": val_acc {info['val_before'].get('val_acc', float('nan')):.4f} -> {info['val_after']['val_acc']:.4f}"
+              if "val_after" in info else "")
+    _log(f"{desc}BatchNorm statistics recalibrated on {n} un-augmented training images "
+         f"({info['seconds']:.1f}s, train.bn_recalibrate={cfg.bn_recalibrate}){change}")
+    return info, {**row, "bn_recalibrated_images": n}, tags
 
 
 def _finite(row: dict) -> bool:
