@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from resforge import __version__
-from resforge.checkpoint import (atomic_write_text, load_for_inference, load_state, read_meta,
+from resforge.checkpoint import (atomic_write_text, load_for_inference, read_meta,
                                  resolve_weights, save_checkpoint, save_state)
 from resforge.config import RunConfig, load_config
 from resforge.data import load_manifest, load_source, make_splits, save_manifest, subset
@@ -145,12 +145,10 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     uninterrupted run in deterministic mode."""
     run_dir, snap, manifest = None, None, None
     if resume is not None:
+        from resforge.runs import open_for_resume     # (here: keeps this module's imports as they are)
         run_dir = Path(resume)
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved, manifest, snap = open_for_resume(run_dir)   # sweeps a killed session's temporaries
         cfg = load_config(None, overrides, base=saved)
-        manifest = load_manifest(run_dir / "splits.json")
-        state_path = run_dir / "weights" / "last.state.pt"
-        snap = load_state(state_path) if state_path.is_file() else None
     else:
         cfg = config or load_config(recipe, overrides)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
