@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from resforge import __version__
-from resforge.checkpoint import (atomic_write_text, load_for_inference, load_state,
+from resforge.checkpoint import (atomic_write_text, load_for_inference,
                                  resolve_weights, save_checkpoint, save_state)
 from resforge.config import AugConfig, RunConfig, load_config
 from resforge.data import load_manifest, load_source, make_splits, save_manifest, subset
@@ -34,7 +34,7 @@ from resforge.models import create_model
 from resforge.plots import plot_training_curves
 from resforge.infer import predict  # noqa: F401  (re-exported API)
 from resforge.report import write_report
-from resforge.runs import MetricsLog, default_run_name, is_main_process, new_run_dir
+from resforge.runs import MetricsLog, default_run_name, is_main_process, new_run_dir, open_for_resume
 from resforge.training.device import Runtime, make_runtime, seed_everything
 from resforge.training.budget import plan_epochs
 from resforge.training.loop import fit, predict_logits, soft_cross_entropy
@@ -147,12 +147,9 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     uninterrupted run in deterministic mode."""
     run_dir, snap, manifest = None, None, None
     if resume is not None:
-        run_dir = _resumable(Path(resume))
-        saved = json.loads((run_dir / "config.json").read_text())
+        run_dir = Path(resume)
+        saved, manifest, snap = open_for_resume(run_dir)   # sweeps a killed session's temporaries
         cfg = load_config(None, overrides, base=saved)
-        manifest = load_manifest(run_dir / "splits.json")
-        state_path = run_dir / "weights" / "last.state.pt"
-        snap = load_state(state_path) if state_path.is_file() else None
     else:
         cfg = config or load_config(recipe, overrides)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -197,18 +194,6 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
                   file=sys.stderr, flush=True)
         raise
     return TrainRun(run_dir, cfg, result.model, meta, results, result.train_seconds)
-
-
-def _resumable(run_dir: Path) -> Path:
-    """The run folder to resume, or one sentence saying why it cannot be."""
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"cannot resume {run_dir}: no such folder; pass the folder of an earlier "
-                                "`resforge train` run (e.g. runs/resnet20-digits)")
-    for f in ("config.json", "splits.json"):
-        if not (run_dir / f).is_file():
-            raise ValueError(f"cannot resume {run_dir}: it has no {f}, so it is not a resforge run folder; "
-                             "pass the folder `resforge train` printed, or start a new run without --resume")
-    return run_dir
 
 
 def _fit_budget(cfg: RunConfig, model: nn.Module, tb, eval_batches: list, augment: Augmenter, rt: Runtime):

@@ -11,6 +11,7 @@ crash leaves the previous checkpoint intact, never a half-written one.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -57,9 +58,38 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in DiskFullError.ERRNOS:
+            raise DiskFullError(path, len(data), e.errno) from e
         raise
+
+
+class DiskFullError(OSError, ValueError):
+    """No space (or quota) left to write a file; atomic_write has left its previous version in
+    place and removed its temporary. A ValueError too: it is the user's to fix, and the CLI
+    prints such errors as one sentence."""
+    ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+    def __init__(self, path: Path, size: int, code: int = errno.ENOSPC):
+        run = _run_folder(path)
+        kept = (f"the previous {path.name} is intact" if path.exists() else f"{path.name} was not created")
+        if run is not None:          # the resume state is the run's last file of an epoch: it is still whole
+            todo = (f"free space on that disk, then `resforge train --resume {run}` continues from the last "
+                    "epoch saved in weights/last.state.pt (or start again on another disk with train.project=DIR)")
+        else:
+            todo = "free space on that disk or write to a folder on another disk"
+        super().__init__(f"no space left on the device to write {path} ({size / 1e6:.1f} MB): {kept} and no "
+                         f"half-written file is left; {todo}")
+        self.errno, self.path = code, path          # (not .filename: str() would become "[Errno 28] ...")
+
+
+def _run_folder(path: Path) -> Path | None:
+    """The training run folder that `path` (metrics.csv, weights/...) belongs to, if it can resume."""
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "config.json").is_file() and (folder / "weights" / "last.state.pt").is_file():
+            return folder
+    return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -241,8 +241,8 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
     state, best_weights = FitState(), None
     if resume is not None:
         state, best_weights = _restore(resume, model, opt, sched, ema, scaler, lookahead)
-        if metrics_log is not None:
-            metrics_log.truncate(state.epoch)
+    if metrics_log is not None:                # rows past the restored epoch (a restart: all) are a killed session's
+        metrics_log.truncate(state.epoch)
     step_model = torch.compile(model) if train_cfg.compile else model
     loss_fn = loss_fn or soft_cross_entropy(optim_cfg.label_smoothing)
     updater = Updater(opt, sched, scaler, optim_cfg.clip_grad,
