@@ -462,6 +462,8 @@ def explain(exc: BaseException, args=None) -> tuple[int, str] | None:
                     "torch.load(weights_only=True) so a file cannot run code: re-save its state_dict "
                     "(torch.save(model.state_dict(), path)) or convert it to .safetensors")
         return 2, text
+    if isinstance(exc, OSError) and isinstance(exc, ValueError):     # e.g. DiskFullError: its own sentence
+        return 3, str(exc)
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
         name = " ".join(str(f) for f in (exc.filename, exc.filename2) if f)
         folder = getattr(args, "writes_to", None) or getattr(args, "out", None)

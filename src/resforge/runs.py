@@ -82,16 +82,16 @@ def open_for_resume(run_dir: str | Path) -> tuple[dict, dict | None, dict | None
     sweep_temporaries(run_dir)
     saved = _saved_config(run_dir / "config.json")
     state_path, splits = run_dir / "weights" / "last.state.pt", run_dir / "splits.json"
-    snap = load_state(state_path) if state_path.is_file() else None
     if not splits.is_file():
-        if snap is not None:
+        if state_path.is_file():
             raise RunFolderError(f"{splits} is missing, so the splits the run trained on are unknown: "
                                  f"{run_dir} cannot be resumed; restore the file or start a new run")
         return saved, None, None
     try:
-        return saved, load_manifest(splits), snap
+        manifest = load_manifest(splits)
     except ValueError as e:
         raise RunFolderError(f"{e}: {run_dir} cannot be resumed; restore the file or start a new run") from None
+    return saved, manifest, (load_state(state_path) if state_path.is_file() else None)
 
 
 def _saved_config(path: Path) -> dict:
