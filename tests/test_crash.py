@@ -130,7 +130,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_file_and_says_so(tmp_path, 
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("resforge.checkpoint.os.fsync", full)
+    monkeypatch.setattr("resforge.atomic.os.fsync", full)
     with pytest.raises(DiskFullError) as e:
         save_state(state, {"epoch": 2})
     assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC

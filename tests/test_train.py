@@ -44,6 +44,21 @@ def test_train_writes_a_complete_self_describing_run(tmp_path):
     assert _train(tmp_path).dir.name == "run-2"
 
 
+def test_every_file_of_a_run_follows_one_mode_policy(tmp_path):
+    """Checkpoints, manifests, metrics, plots and reports alike: 0666 less the umask, no temporaries."""
+    old = os.umask(0o022)
+    try:
+        run = _train(tmp_path, ["train.epochs=1"])
+    finally:
+        os.umask(old)
+    files = [f for f in run.dir.rglob("*") if f.is_file()]
+    assert {f.relative_to(run.dir).as_posix() for f in files} >= {"splits.json", "metrics.csv", "results.png",
+                                                                  "report.json", "weights/last.state.pt"}
+    assert {f.relative_to(run.dir).as_posix(): oct(f.stat().st_mode & 0o777) for f in files} == {
+        f.relative_to(run.dir).as_posix(): "0o644" for f in files}
+    assert not [f for f in files if f.name.endswith(".tmp")]
+
+
 def test_checkpoint_loads_for_inference_without_respecifying_anything(tmp_path):
     run = _train(tmp_path, ["train.epochs=1"])
     model, meta = load_for_inference(run.dir)

@@ -11,13 +11,10 @@ crash leaves the previous checkpoint intact, never a half-written one.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,74 +25,11 @@ from torch import nn
 from resforge import __version__
 from resforge import artifact
 from resforge.artifact import FORMAT, FORMAT_VERSION, ArtifactError  # noqa: F401 (re-exported)
+from resforge.atomic import DiskFullError, atomic_write, atomic_write_text  # noqa: F401 (re-exported)
 from resforge.weights import WeightsError, guess_architecture, load_weights, read_state_dict
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-# Every file resforge writes gets the mode open() would give it (0666 less the umask), not
-# mkstemp's private 0600: checkpoints, configs and reports of a run share one policy.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def _umask() -> int:
-    """The process umask now (Linux reports it; elsewhere the one at import)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return _UMASK
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in DiskFullError.ERRNOS:
-            raise DiskFullError(path, len(data), e.errno) from e
-        raise
-
-
-class DiskFullError(OSError, ValueError):
-    """No space (or quota) left to write a file; atomic_write has left its previous version in
-    place and removed its temporary. A ValueError too: it is the user's to fix, and the CLI
-    prints such errors as one sentence."""
-    ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-    def __init__(self, path: Path, size: int, code: int = errno.ENOSPC):
-        run = _run_folder(path)
-        kept = (f"the previous {path.name} is intact" if path.exists() else f"{path.name} was not created")
-        if run is not None:          # the resume state is the run's last file of an epoch: it is still whole
-            todo = (f"free space on that disk, then `resforge train --resume {run}` continues from the last "
-                    "epoch saved in weights/last.state.pt (or start again on another disk with train.project=DIR)")
-        else:
-            todo = "free space on that disk or write to a folder on another disk"
-        super().__init__(f"no space left on the device to write {path} ({size / 1e6:.1f} MB): {kept} and no "
-                         f"half-written file is left; {todo}")
-        self.errno, self.path = code, path          # (not .filename: str() would become "[Errno 28] ...")
-
-
-def _run_folder(path: Path) -> Path | None:
-    """The training run folder that `path` (metrics.csv, weights/...) belongs to, if it can resume."""
-    for folder in (path.parent, path.parent.parent):
-        if (folder / "config.json").is_file() and (folder / "weights" / "last.state.pt").is_file():
-            return folder
-    return None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text.encode())
-
-
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """fp32, contiguous, CPU copies (safetensors refuses shared or strided storage)."""
     out = {}

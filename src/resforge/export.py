@@ -33,6 +33,7 @@ import torch
 from resforge import __version__
 from resforge.artifact import validate_meta
 from resforge.backends import EXPORT_SUFFIX, META_FILE, META_KEY, missing_extra
+from resforge.atomic import finish_temporary, temporary_for
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,12 @@ def export_model(model: torch.nn.Module, meta: dict, format: str, out: str | Pat
     if inputs is None:
         inputs, origin = _random_inputs(meta, N_SAMPLES), "random inputs"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = temporary_for(out)
     try:
         example = torch.from_numpy(inputs[:2].copy())     # batch 2: a traced batch of 1 may specialise
         (_write_onnx if format == "onnx" else _write_torchscript)(model, example, tmp, artifact_meta)
         diff, limit, agree = check_parity(model, _open(tmp, format), inputs, atol)
-        os.replace(tmp, out)                                # only a checked artifact gets the name
+        finish_temporary(tmp, out)                          # only a checked artifact gets the name
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult(out, format, diff, limit, agree, len(inputs), origin, time.perf_counter() - t0)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from resforge.atomic import finish_temporary, temporary_for
 
 # Panels drawn first, in this order: (title, columns). Any other numeric column gets its own panel.
 _MAIN_PANELS = (
@@ -182,10 +182,10 @@ def _save(fig: Figure, out_png: Path) -> Path:
     """Render to a temp file then os.replace, so readers never see a half-written PNG."""
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.tmp")
+    tmp = temporary_for(out_png)
     try:
         fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, out_png)
+        finish_temporary(tmp, out_png)
     finally:
         tmp.unlink(missing_ok=True)
     return out_png

@@ -16,12 +16,12 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from resforge.plots import plot_confusion
+from resforge.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +155,7 @@ def _write_confusion(out_dir: Path, split: str, metrics: dict, class_names: list
 
 
 def _atomic_write_text(path: Path, text: str) -> Path:
-    """Write to a sibling temp file then os.replace: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, text)
     return path
 
 

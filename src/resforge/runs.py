@@ -50,8 +50,8 @@ class RunFolderError(ValueError):
 
 
 # Temporaries that resforge's writers create next to their target and rename over it; a SIGKILL
-# skips their cleanup. checkpoint.atomic_write: ".<name>.<8 mkstemp chars>.tmp"; report.py and
-# plots.py: ".<name>.<pid>.tmp"; data.splits.save_manifest: "tmp<8 mkstemp chars>.tmp".
+# skips their cleanup. Every writer now goes through resforge.atomic: ".<name>.<8 mkstemp chars>.tmp";
+# runs written by earlier versions may also hold ".<name>.<pid>.tmp" and "tmp<8 chars>.tmp".
 _TEMPORARY = re.compile(r"\.[^/]+\.([a-z0-9_]{8}|[0-9]+)\.tmp|tmp[a-z0-9_]{8}\.tmp")
 
 

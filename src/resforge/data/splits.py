@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from resforge.atomic import atomic_write_text
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -156,12 +155,7 @@ def _concat(parts):
 def save_manifest(path, manifest: dict) -> None:
     """Write atomically; the hash is recomputed so an edited manifest stays consistent."""
     m = {**manifest, "hash": manifest_hash(manifest["splits"])}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(m, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(Path(path), json.dumps(m, indent=1))
 
 
 def load_manifest(path) -> dict:

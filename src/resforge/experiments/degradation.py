@@ -116,7 +116,7 @@ def run_overrides(spec: RunSpec, exp_dir: Path, settings: dict) -> list[str]:
                   f"train.project={exp_dir}", f"train.name={spec.folder}"]
 
 
-# What a run killed while starting up can leave behind (atomic writes leave ".<name>.<pid>.tmp").
+# What a run killed while starting up can leave behind (besides atomic-write temporaries, ".<name>.*.tmp").
 _STARTUP_FILES = {"config.yaml", "config.json", "splits.json"}
 
 
