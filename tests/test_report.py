@@ -74,7 +74,16 @@ def test_report_for_other_model_is_replaced(tmp_path):
 def test_binary_report_has_auc_column(tmp_path):
     m = classification_metrics(np.array([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]]), np.array([0, 1, 1]), ["n", "p"])
     _, mdpath = write_report(tmp_path, {"test": m}, meta={"model": "tiny", "class_names": ["n", "p"]})
-    assert "AUC" in mdpath.read_text()
+    md = mdpath.read_text()
+    assert "AUC" in md and "top-5" not in md  # top-5 of 2 classes is always 100%: no column
+
+
+def test_top5_column_only_above_five_classes(tmp_path):
+    names = [f"c{i}" for i in range(6)]
+    rng = np.random.default_rng(0)
+    m = classification_metrics(rng.normal(size=(20, 6)), rng.integers(0, 6, size=20), names)
+    _, mdpath = write_report(tmp_path, {"test": m}, meta={"model": "tiny", "class_names": names})
+    assert "| top-5 |" in mdpath.read_text()
 
 
 def test_plot_confusion_large_k(tmp_path):

@@ -187,12 +187,14 @@ def _md_header(report: dict) -> str:
 def _md_summary(report: dict, splits: list[str]) -> str:
     has_auc = any(report[s].get("auc") is not None for s in splits)
     has_tta = any("tta" in report[s] for s in splits)
-    head = (["split", "n", "top-1", "top-5", "macro-F1", "ECE", "NLL"] + (["AUC"] if has_auc else [])
-            + (["TTA views"] if has_tta else []))
+    # top-5 of K <= 5 classes counts every image as a hit (always 100%): no column for it
+    has_top5 = len(report.get("class_names", [])) > 5
+    head = (["split", "n", "top-1"] + (["top-5"] if has_top5 else []) + ["macro-F1", "ECE", "NLL"]
+            + (["AUC"] if has_auc else []) + (["TTA views"] if has_tta else []))
     rows = []
     for s in splits:
         m = report[s]
-        row = [s, str(m.get("n", "")), _pct(m.get("top1")), _pct(m.get("top5")),
+        row = [s, str(m.get("n", "")), _pct(m.get("top1")), *([_pct(m.get("top5"))] if has_top5 else []),
                _pct((m.get("macro") or {}).get("f1")), _pct(m.get("ece")), _num(m.get("nll"))]
         views = len(m.get("tta_views") or []) if m.get("tta") else 0
         rows.append(row + ([_num(m.get("auc"))] if has_auc else [])
