@@ -14,7 +14,7 @@ import torch
 
 from deploy_helpers import png_bytes, torch_one_thread, trained_run  # noqa: F401
 from resforge.backends import OnnxBackend, TorchScriptBackend, load_backend
-from resforge.export import ExportError, check_parity, export, export_model, parity_batches
+from resforge.export import ExportError, check_parity, export, export_model, limit_text, parity_batches
 from resforge.models import create_model, list_models, model_info
 
 pytest.importorskip("onnxruntime", reason="ONNX parity needs onnxruntime (pip install resforge[onnx])")
@@ -155,7 +155,7 @@ def test_parity_failures_are_loud(tmp_path, monkeypatch):
             return model(torch.from_numpy(a)).numpy()
 
     assert check_parity(model, eager, x)[0] == 0.0
-    with pytest.raises(ExportError, match=r"max \|logit diff\| (9\.99\de-04|1\.00\de-03) \(limit 1\.0e-04\)"):
+    with pytest.raises(ExportError, match=r"max \|logit diff\| (9\.99\de-04|1\.00\de-03) \(limit 1\.0e-04; rule"):
         check_parity(model, lambda a: eager(a) + 1e-3, x)
     with pytest.raises(ExportError, match="max \\|logit diff\\| nan"):
         check_parity(model, lambda a: eager(a) * np.nan, x)
@@ -195,3 +195,13 @@ def test_missing_optional_dependencies_name_the_extra(tmp_path, monkeypatch):
         create_app(tmp_path)
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         export(tmp_path, "tflite")
+
+
+def test_printed_parity_limit_states_the_readmes_rule():
+    """The summary's limit reads as the README's rule, also when the relative part raised it."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rule = "1e-4, or 1e-6 of the largest |logit| once that exceeds 100"
+    assert f"≤ {rule}" in " ".join(readme.split())
+    assert limit_text(1e-4) == f"limit 1.0e-04; rule: <= {rule}"
+    assert limit_text(2.4e-4) == f"limit 2.4e-04 = 1e-6 x max |logit| 240; rule: <= {rule}"

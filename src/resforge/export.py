@@ -65,7 +65,7 @@ class ExportResult:
     def summary(self) -> str:
         return (f"exported {self.format} -> {self.path} ({self.path.stat().st_size / 1e6:.1f} MB, "
                 f"{self.seconds:.1f}s)\nparity vs eager PyTorch on {self.n_samples} {self.samples}: "
-                f"max |logit diff| {self.max_abs_diff:.2e} (limit {self.limit:.1e}), "
+                f"max |logit diff| {self.max_abs_diff:.2e} ({limit_text(self.limit)}), "
                 f"top-1 identical {100 * self.top1_agreement:.1f}%")
 
 
@@ -183,6 +183,15 @@ def parity_batches(n: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
+def limit_text(limit: float, atol: float = ATOL, rtol: float = RTOL) -> str:
+    """The bound applied and the rule behind it, in the README's words (Deployment: Export), so
+    a printed 2.4e-04 is not mistaken for a broken 1e-4 rule."""
+    sci = lambda x: f"{x:.0e}".replace("e-0", "e-").replace("e+0", "e")  # 1e-04 -> 1e-4
+    why = f" = {sci(rtol)} x max |logit| {limit / rtol:.0f}" if limit > atol else ""
+    return (f"limit {limit:.1e}{why}; rule: <= {sci(atol)}, or {sci(rtol)} of the largest |logit| "
+            f"once that exceeds {atol / rtol:.0f}")
+
+
 def check_parity(model: torch.nn.Module, exported, inputs: np.ndarray,
                  atol: float = ATOL, rtol: float = RTOL) -> tuple[float, float, float]:
     """(max |logit diff|, its limit, top-1 agreement) of `exported` (np -> np logits) against
@@ -201,7 +210,7 @@ def check_parity(model: torch.nn.Module, exported, inputs: np.ndarray,
         same.append(got.argmax(1) == want.argmax(1))
     diff, agree, limit = max(diffs), float(np.concatenate(same).mean()), max(atol, rtol * peak)
     if not diff <= limit or agree < 1.0:             # `not <=` also catches NaN
-        raise ExportError(f"export parity failed: max |logit diff| {diff:.3e} (limit {limit:.1e}), "
+        raise ExportError(f"export parity failed: max |logit diff| {diff:.3e} ({limit_text(limit, atol, rtol)}), "
                           f"top-1 identical for {100 * agree:.1f}% of {len(inputs)} samples (must be "
                           "100%); the artifact was not written. Report this with the model name "
                           "and torch/onnx versions")
