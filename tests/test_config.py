@@ -164,7 +164,7 @@ def test_combinations_that_cannot_work(overrides, words):
 
 def test_every_field_of_every_section_has_a_check_and_a_help_line():
     helps = C.field_help()
-    checked_text = {"data.source", "data.manifest", "data.data_root", "data.cache_dir", "model.name",
+    checked_text = {"data.source", "data.manifest", "data.class_names", "data.data_root", "data.cache_dir", "model.name",
                     "model.pretrained", "train.project", "train.name", "train.device", "eval.splits",
                     "finetune.policy", "finetune.class_map", "finetune.source_classes"}
     choices = {f"{s}.{n}" for s, n in C.CHOICES}

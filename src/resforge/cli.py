@@ -34,7 +34,7 @@ from resforge import __version__
 SHORTCUTS = {"data": "data.source", "model": "model.name", "epochs": "train.epochs",
              "batch_size": "train.batch_size", "lr": "optim.lr", "device": "train.device",
              "name": "train.name", "project": "train.project", "seed": "train.seed",
-             "pretrained": "model.pretrained", "threads": "train.threads"}
+             "pretrained": "model.pretrained", "threads": "train.threads", "class_names": "data.class_names"}
 
 EXIT_CODES = {0: "done", 1: "predict read none of its files",
               2: "usage or input error (option, config value, data, weights)",
@@ -210,7 +210,8 @@ def _add_experiment(sub) -> None:
 
 FT_SHORTCUTS = {"epochs": "train.epochs", "lr": "optim.lr", "batch_size": "train.batch_size",
                 "device": "train.device", "name": "train.name", "project": "train.project",
-                "seed": "train.seed", "input_size": "finetune.input_size", "threads": "train.threads"}
+                "seed": "train.seed", "input_size": "finetune.input_size", "threads": "train.threads",
+                "class_names": "data.class_names"}
 
 
 def _ft_overrides(a) -> list[str]:

@@ -34,6 +34,7 @@ class DataConfig:
     val_fraction: float = 0.1         # carved (stratified) from train when the source has no val split
     split_seed: int = 0               # seed of the train/val carve and of train_fraction subsets
     manifest: str | None = None       # reuse a split manifest (splits.json) from an earlier run
+    class_names: str | None = None    # text file, one class name per line in label order (.npz without names)
     train_fraction: float | None = None  # stratified subset of train (few-shot / 1% / 10% studies)
     data_root: str | None = None      # where named sources (cifar10) are looked for
     cache_dir: str | None = None      # decoded uint8 tensors, keyed by content hash
@@ -476,7 +477,7 @@ def _show(value) -> str:
 
 def _check_strings(cfg: RunConfig) -> None:
     """Text fields: not empty where a value is needed, and each one's own grammar."""
-    for key in ("data.source", "data.manifest", "data.data_root", "data.cache_dir", "model.name",
+    for key in ("data.source", "data.manifest", "data.class_names", "data.data_root", "data.cache_dir", "model.name",
                 "model.pretrained", "train.project", "train.name", "finetune.class_map", "finetune.source_classes"):
         s, n = key.split(".")
         value = getattr(getattr(cfg, s), n)
