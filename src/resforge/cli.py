@@ -150,6 +150,46 @@ def _scan(a) -> int:
     return 0
 
 
+def _cache(a) -> int:
+    from resforge.data import cache_tools
+    from resforge.data.cache import resolve_cache_dir
+    if a.cache_command == "list":
+        print(cache_tools.format_listing(cache_tools.list_entries(a.dir)))
+        return 0
+    picked, freed = cache_tools.clear(a.dir, a.older_than, a.source, a.all, a.dry_run)
+    print(cache_tools.format_cleared(picked, freed, a.dry_run, resolve_cache_dir(a.dir)))
+    return 0
+
+
+def _add_cache(sub) -> None:
+    k = sub.add_parser("cache", help="list or clear the decoded-data cache (RESFORGE_CACHE)",
+                       description="Decoded uint8 tensors of each data source, one entry per source content "
+                                   "and decode settings (image size, channels, resize), in RESFORGE_CACHE "
+                                   "(default ~/.cache/resforge/cache). Only entries are removed, never other files.")
+    ksub = k.add_subparsers(dest="cache_command", required=True)
+    ls = ksub.add_parser("list", help="entries: source, image size, channels, images, size on disk, last use")
+    cl = ksub.add_parser("clear", help="remove entries (at least one of --older-than, --source, --all)")
+    cl.add_argument("--older-than", type=_nonneg_float, default=None, metavar="DAYS",
+                    help="entries not read for this many days (default: no age filter)")
+    cl.add_argument("--source", default=None, metavar="NAME",
+                    help="entries of this source: its name (folder / .npz stem, cifar10) or path (default: any)")
+    cl.add_argument("--all", action="store_true", help="every entry and the memos (default: off)")
+    cl.add_argument("--dry-run", action="store_true", help="only print what would be freed (default: off)")
+    for q in (ls, cl):
+        q.add_argument("--dir", default=None, help="cache folder (default: RESFORGE_CACHE, else ~/.cache/resforge/cache)")
+        q.set_defaults(fn=_cache)
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return x
+
+
 def _recipes(a) -> int:
     from resforge.config import RECIPE_DIR, list_recipes, recipe_summary
     for r in list_recipes():
@@ -432,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_scan)
     _add_experiment(sub)
     _add_finetune(sub)
+    _add_cache(sub)
     return p
 
 

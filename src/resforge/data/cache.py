@@ -4,6 +4,7 @@ Layout under cache_dir:
     <fingerprint>/meta.json            class names, channels, size, per-split shape/ids/files, rejected
     <fingerprint>/<split>.u8           raw uint8 (N, C, H, W), read back as np.memmap(mode="r")
     <fingerprint>/<split>.labels.npy   int64 (N,)
+    <fingerprint>/last_use.json        {"last_use": unix time} of the latest read (for `resforge cache`)
     memo/<key>.json                    small memos: file hashes by (path, size, mtime), folder listings
 An entry is written into a temporary sibling folder and renamed into place, so a reader sees
 either no entry or a complete one (a crashed writer leaves only a ".tmp-*" folder).
@@ -15,11 +16,13 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 CACHE_FORMAT = 1
+LAST_USE_FILE = "last_use.json"
 
 
 def default_cache_dir() -> Path:
@@ -47,7 +50,19 @@ def read_entry(cache_dir, fingerprint: str) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"corrupt data cache entry {entry} ({e}); delete that folder and load "
                          "again") from None
+    _record_use(entry)
     return {"meta": meta, "arrays": arrays}
+
+
+def _record_use(entry: Path) -> None:
+    """Best effort (a read-only cache is still usable): `resforge cache clear --older-than` reads it."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=entry, prefix=".use-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"last_use": time.time()}, f)
+        os.replace(tmp, entry / LAST_USE_FILE)
+    except OSError:
+        pass
 
 
 def _open_images(path: Path, shape: tuple) -> np.ndarray:

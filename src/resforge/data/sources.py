@@ -74,8 +74,8 @@ def load_source(spec, *, image_size=None, channels=None, cache_dir=None, downloa
         return _from_cache(hit, fp)
     parts = {"digits": lambda: arrays.digits_parts(), "npz": lambda: arrays.npz_parts(path, limits),
              "cifar": lambda: cifar.read_cifar(path)}[kind]()
-    if kind == "cifar":
-        parts["extra"] = {"path": str(path)}
+    if kind in ("cifar", "npz"):  # where the entry came from (`resforge cache list`)
+        parts["extra"] = {**parts.get("extra", {}), "path": str(path)}
     check_classes(parts, str(path) if path is not None else kind, limits)
     return _store(_conform(parts, settings, limits), fp, cache_dir)
 
