@@ -100,3 +100,35 @@ def test_train_class_names_option(tmp_path, tmp_cache, capsys, monkeypatch):
     assert cli.main(["train", "--data", str(npz), "--class-names", "missing.txt"]) == 2
     err = capsys.readouterr().err
     assert "missing.txt" in err and "one class name per line" in err
+
+
+def _folder(root, sizes):
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate(sizes):
+        d = root / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def test_smaller_size_is_resized_from_the_native_entry(tmp_path, monkeypatch):
+    """Same pixels and fingerprint as decoding every file again; mixed-size folders still decode."""
+    from resforge.data import folder
+    root = _folder(tmp_path / "imgs", [(12, 12)] * 6)
+    fresh = load_source(root, image_size=8, cache_dir=tmp_path / "c1")
+    load_source(root, cache_dir=tmp_path / "c2")                   # native 12x12 entry
+    real = folder.decode_tree
+    monkeypatch.setattr(folder, "decode_tree", lambda *a, **k: pytest.fail("decoded again"))
+    derived = load_source(root, image_size=8, cache_dir=tmp_path / "c2")
+    assert derived.fingerprint == fresh.fingerprint and derived.image_size == (8, 8)
+    for s in fresh.splits:
+        assert np.array_equal(derived.splits[s].images, fresh.splits[s].images)
+        assert derived.splits[s].ids == fresh.splits[s].ids
+    monkeypatch.setattr(folder, "decode_tree", real)
+    mixed = _folder(tmp_path / "mixed", [(12, 12)] * 5 + [(20, 16)])
+    load_source(mixed, cache_dir=tmp_path / "c3")                  # one image was resized: no reuse
+    calls = []
+    monkeypatch.setattr(folder, "decode_tree", lambda *a, **k: calls.append(1) or real(*a, **k))
+    load_source(mixed, image_size=8, cache_dir=tmp_path / "c3")
+    assert calls == [1]

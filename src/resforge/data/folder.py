@@ -199,6 +199,8 @@ def decode_tree(listing: dict, settings: dict, workers: int | None = None,
     parts = _parts(listing, kept, out, channels, size, rejected, settings)
     entries = [(_rel(listing, p), _stat(p)[0], digests[str(p)]) for _, _, p in listing["items"]]
     parts["fingerprint"] = settings_hash("folder", entries, settings, channels, list(size))
+    # what sources.py needs to derive a smaller size from this entry with the same fingerprint
+    parts["derive"] = {"entries": entries, "resized": any(tuple(p[0]) != tuple(size) for p in probes if p)}
     return parts
 
 

@@ -191,16 +191,56 @@ def _load_folder(path: Path, settings: dict, cache_dir, stream: bool, limits: Da
         check_classes(parts, str(path), limits)
         return _bundle(parts, parts.pop("fingerprint"))
     key = folder.listing_key(listing, {**settings, "version": SOURCE_VERSION})
-    memo = cache.memo_get(cache_dir, key)
-    hit = cache.read_entry(cache_dir, memo["fingerprint"]) if memo else None
+    hit, fp = _memo_entry(cache_dir, key)
     if hit is not None:
-        return _rebase(_from_cache(hit, memo["fingerprint"]), path)
-    parts = folder.decode_tree(listing, settings, limits=limits)
-    check_classes(parts, str(path), limits)
-    fp = cache.settings_hash("resforge-data", SOURCE_VERSION, parts.pop("fingerprint"))
+        return _rebase(_from_cache(hit, fp), path)
+    base = _native_entry(listing, settings, cache_dir)
+    if base is not None:
+        parts, fp = _derive(base, settings, limits)
+    else:
+        parts = folder.decode_tree(listing, settings, limits=limits)
+        check_classes(parts, str(path), limits)
+        fp = cache.settings_hash("resforge-data", SOURCE_VERSION, parts.pop("fingerprint"))
     bundle = _store(parts, fp, cache_dir)
     cache.memo_put(cache_dir, key, {"fingerprint": fp})
     return _rebase(bundle, path)
+
+
+def _memo_entry(cache_dir, key: str) -> tuple[dict | None, str | None]:
+    memo = cache.memo_get(cache_dir, key)
+    fp = memo.get("fingerprint") if memo else None
+    return (cache.read_entry(cache_dir, fp) if fp else None), fp
+
+
+def _native_entry(listing: dict, settings: dict, cache_dir) -> dict | None:
+    """The cached native-size entry of this same folder listing (same channels and resize mode),
+    if decoding it resized no image: resizing its pixels is then exactly what decoding each file
+    at the requested size gives (the same resize_image on the same decoded array)."""
+    if settings["image_size"] is None:
+        return None
+    key = folder.listing_key(listing, {**settings, "image_size": None, "version": SOURCE_VERSION})
+    hit, _ = _memo_entry(cache_dir, key)
+    derive = hit["meta"].get("derive") if hit else None
+    return hit if derive and not derive["resized"] else None
+
+
+def _derive(base: dict, settings: dict, limits: DataLimits) -> tuple[dict, str]:
+    """parts at settings["image_size"] resized from a native entry, and the fingerprint a fresh
+    decode would give (same file list and hashes, these settings), so manifests still match."""
+    meta, size = base["meta"], tuple(settings["image_size"])
+    n = sum(len(labels) for _, labels in base["arrays"].values())
+    limits.check_bytes(n * meta["channels"] * size[0] * size[1],
+                       f"{meta['name']}: {n} images at {meta['channels']}x{size[0]}x{size[1]}")
+    splits = {s: {"images": conform_images(images, None, size, settings["resize"]), "labels": labels,
+                  "ids": meta["splits"][s]["ids"], "files": meta["splits"][s]["files"]}
+              for s, (images, labels) in base["arrays"].items()}
+    parts = {"name": meta["name"], "class_names": meta["class_names"], "splits": splits,
+             "channels": meta["channels"], "image_size": size, "rejected": meta["rejected"],
+             "extra": meta["extra"]}
+    entries = meta["derive"]["entries"]
+    fp = cache.settings_hash("resforge-data", SOURCE_VERSION, cache.settings_hash(
+        "folder", entries, settings, meta["channels"], list(size)))
+    return parts, fp
 
 
 def _rebase(bundle: DataBundle, root: Path) -> DataBundle:
@@ -249,6 +289,8 @@ def _store(parts: dict, fp: str, cache_dir) -> DataBundle:
     meta = {"name": bundle.name, "class_names": bundle.class_names, "channels": bundle.channels,
             "image_size": list(bundle.image_size), "rejected": bundle.rejected, "extra": bundle.extra,
             "splits": {s: {"ids": sp.ids, "files": sp.files} for s, sp in bundle.splits.items()}}
+    if parts.get("derive"):
+        meta["derive"] = parts["derive"]
     arrays_ = {s: (sp.images, sp.labels) for s, sp in bundle.splits.items()}
     try:
         cache.write_entry(cache_dir, fp, meta, arrays_)
