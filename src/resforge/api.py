@@ -346,7 +346,8 @@ def evaluate(source: str | Path, *, data: str | None = None, splits=("test",), t
              + ("; it declares no flip or shift, so this is the plain evaluation" if len(extra["tta"]["views"]) == 1
                 else ""))
     for s, r in results.items():
-        _say(f"{s}: top1 {r['top1']:.4f}  top5 {r['top5']:.4f}  macro-F1 {r['macro']['f1']:.4f}  "
+        top5 = f"  top5 {r['top5']:.4f}" if len(meta["class_names"]) > 5 else ""  # K <= 5: always 1
+        _say(f"{s}: top1 {r['top1']:.4f}{top5}  macro-F1 {r['macro']['f1']:.4f}  "
              f"ECE {r['ece']:.4f}  (n={r['n']}{', TTA' if tta else ''})")
     _say(f"report: {out / 'report.md'}" + (f" (the run's own report {run_dir / 'report.md'} is unchanged)"
                                            if run_dir is not None and out_dir is None else ""))
