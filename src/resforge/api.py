@@ -26,7 +26,7 @@ from resforge.checkpoint import (atomic_write_text, load_for_inference,
                                  resolve_weights, save_checkpoint, save_state)
 from resforge.config import AugConfig, RunConfig, load_config
 from resforge.data import load_manifest, load_source, make_splits, save_manifest, subset
-from resforge.data.sources import apply_class_names
+from resforge.data.sources import apply_class_names, read_class_names
 from resforge.data import scan as _scan
 from resforge.data.augment import Augmenter
 from resforge.data.loader import make_batches
@@ -60,10 +60,11 @@ class TrainRun:
 def prepare_data(cfg: RunConfig, manifest: dict | None = None):
     """Load the source, fix train/val/test (from a manifest when given), subset train."""
     d = cfg.data
+    names = read_class_names(d.class_names) if d.class_names else None
     bundle = load_source(d.source, image_size=d.image_size, channels=d.channels, cache_dir=d.cache_dir,
                          download=d.download, data_root=d.data_root, stream=d.stream)
-    if d.class_names:
-        bundle = apply_class_names(bundle, d.class_names)
+    if names is not None:
+        bundle = apply_class_names(bundle, names, d.class_names)
     if manifest is None and d.manifest:
         manifest = load_manifest(d.manifest)
     bundle, manifest = make_splits(bundle, d.val_fraction, d.split_seed, manifest=manifest)

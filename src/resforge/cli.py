@@ -176,7 +176,8 @@ def _add_cache(sub) -> None:
     cl.add_argument("--all", action="store_true", help="every entry and the memos (default: off)")
     cl.add_argument("--dry-run", action="store_true", help="only print what would be freed (default: off)")
     for q in (ls, cl):
-        q.add_argument("--dir", default=None, help="cache folder (default: RESFORGE_CACHE, else ~/.cache/resforge/cache)")
+        q.add_argument("--dir", default=None,
+                       help="cache folder (default: RESFORGE_CACHE, else ~/.cache/resforge/cache)")
         q.set_defaults(fn=_cache)
 
 

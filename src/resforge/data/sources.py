@@ -91,17 +91,16 @@ def check_classes(parts: dict, source: str, limits: DataLimits | None = None) ->
                          "so add the other classes (one folder or label per class)")
 
 
-def apply_class_names(bundle: DataBundle, names_file, limits: DataLimits | None = None) -> DataBundle:
-    """Name the classes from a text file (one name per line, in label order 0..K-1): for sources
-    that carry no names (an .npz without a 'class_names' array gets "0".."K-1") or to rename.
-    The count must match the source's K; it may exceed it only when the source had no names
-    (classes without items in any split, as a 'class_names' array may declare)."""
+def read_class_names(names_file, limits: DataLimits | None = None) -> list[str]:
+    """Class names from a text file, one per line in label order 0..K-1 (read before any decoding,
+    so a bad file fails in a second, not after a long decode)."""
     path = Path(names_file).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"class names file {display_name(path)}: cannot read it ({e.__class__.__name__}: "
-                         f"{getattr(e, 'strerror', None) or e}); pass a UTF-8 text file, one class name per line") from None
+        why = getattr(e, "strerror", None) or e
+        raise ValueError(f"class names file {display_name(path)}: cannot read it ({why}); pass a UTF-8 "
+                         "text file, one class name per line") from None
     names = [line.strip() for line in text.splitlines()]
     while names and not names[-1]:
         names.pop()
@@ -113,12 +112,20 @@ def apply_class_names(bundle: DataBundle, names_file, limits: DataLimits | None 
     if dup is not None:
         raise ValueError(f"class names file {display_name(path)}: {dup!r} appears twice; class names must differ")
     (limits or DataLimits.from_env()).check_classes(len(names), f"class names file {display_name(path)}")
+    return names
+
+
+def apply_class_names(bundle: DataBundle, names: list[str], names_file) -> DataBundle:
+    """Name the classes (data.class_names): for sources that carry no names (an .npz without a
+    'class_names' array gets "0".."K-1") or to rename. The count must match the source's K; it
+    may exceed it only when the source had no names (classes without items in any split)."""
     k = len(bundle.class_names)
     unnamed = bundle.class_names == [str(i) for i in range(k)]
     if len(names) < k or (len(names) > k and not unnamed):
-        raise ValueError(f"class names file {display_name(path)} has {len(names)} names but {bundle.name} has "
-                         f"{k} classes; give exactly one name per class, in label order 0..{k - 1}")
-    bundle.class_names = names
+        raise ValueError(f"class names file {display_name(Path(names_file))} has {len(names)} names but "
+                         f"{bundle.name} has {k} classes; give exactly one name per class, in label order "
+                         f"0..{k - 1}")
+    bundle.class_names = list(names)
     return bundle
 
 
