@@ -45,11 +45,18 @@ def test_cache_list_and_clear_touch_only_entries(tmp_path, tmp_cache, capsys):
     outside.mkdir()
     (outside / "meta.json").write_text("{}")
     (tmp_cache / ("f" * 64)).symlink_to(outside, target_is_directory=True)  # entry-named link
+    crashed = tmp_cache / ".tmp-0123456789abcdef-x1y2"                  # a dead writer's leftovers
+    crashed.mkdir()
+    (crashed / "train.u8").write_bytes(b"0" * 100)
+    for p in (crashed / "train.u8", crashed):
+        os.utime(p, (time.time() - 2 * 86400,) * 2)
+    live = tmp_cache / ".tmp-fedcba9876543210-abcd"                     # a writer at work: kept
+    live.mkdir()
 
     rc, out, err = _cli(["cache", "list"], tmp_cache, tmp_path)
     assert rc == 0, err
     assert str(npz) in out and "8x8" in out and "4x4" in out and "10.0 days ago" in out
-    assert "2 entries" in out and "notes.txt" in out
+    assert "2 entries" in out and "notes.txt" in out and "1 unfinished writes older than a day" in out
 
     rc, out, _ = _cli(["cache", "clear", "--older-than", "5", "--dry-run"], tmp_cache, tmp_path)
     assert rc == 0 and out.startswith("would free") and "1 entries" in out and old.exists()
@@ -59,7 +66,7 @@ def test_cache_list_and_clear_touch_only_entries(tmp_path, tmp_cache, capsys):
     assert cli.main(["cache", "clear"]) == 2 and "--all" in capsys.readouterr().err
     assert cli.main(["cache", "clear", "--source", "tiny"]) == 0 and "1 entries" in capsys.readouterr().out
     assert cli.main(["cache", "clear", "--all"]) == 0 and "0 entries" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_cache.iterdir()) == sorted(["f" * 64, "memo", "notes.txt"])
+    assert sorted(p.name for p in tmp_cache.iterdir()) == sorted(["f" * 64, "memo", "notes.txt", live.name])
     assert (outside / "meta.json").is_file() and (tmp_cache / "notes.txt").read_text() == "mine"
 
 

@@ -3,7 +3,9 @@
 Only the cache's own entries are ever deleted: a folder directly inside the cache folder, named
 by a 64-hex-digit fingerprint, holding a meta.json, not a symbolic link, and resolving inside
 the cache folder. Anything else found there (a file you put there, a link) is listed as
-"other" and left alone; memo/ (small JSON memos named by a hash) goes only with --all.
+"other" and left alone; memo/ (small JSON memos named by a hash) goes only with --all, and so
+do the ".tmp-<hex>-*" folders a crashed writer left behind, once nothing in them changed for a day
+(a live writer's folder is younger).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from pathlib import Path
 from .cache import LAST_USE_FILE, resolve_cache_dir
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_TMP = re.compile(r"\.tmp-[0-9a-f]{16}-[A-Za-z0-9_]+")   # cache.write_entry's mkdtemp names
+STALE_TMP_SECONDS = 86400
 
 
 def _is_entry(root: Path, p: Path) -> bool:
@@ -27,6 +31,14 @@ def _du(p: Path) -> int:
     if p.is_symlink() or p.is_file():
         return p.lstat().st_size
     return sum(f.lstat().st_size for f in p.rglob("*") if not f.is_symlink() and f.is_file())
+
+
+def _stale_tmp(root: Path, p: Path) -> bool:
+    if not (_TMP.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+            and p.resolve().parent == root.resolve()):
+        return False
+    newest = max([p.lstat().st_mtime] + [f.lstat().st_mtime for f in p.rglob("*")])
+    return time.time() - newest > STALE_TMP_SECONDS
 
 
 def _last_use(entry: Path) -> float:
@@ -41,12 +53,14 @@ def list_entries(cache_dir=None) -> dict:
     """{"root", "entries": [{fingerprint, path, name, source, image_size, channels, n_images,
     bytes, last_use}], "memo_bytes", "other": [names left alone]}."""
     root = resolve_cache_dir(cache_dir)
-    out = {"root": str(root), "entries": [], "memo_bytes": 0, "other": []}
+    out = {"root": str(root), "entries": [], "memo_bytes": 0, "stale": [], "other": []}
     if not root.is_dir():
         return out
     for p in sorted(root.iterdir()):
         if p.name == "memo" and p.is_dir() and not p.is_symlink():
             out["memo_bytes"] = _du(p)
+        elif _stale_tmp(root, p):
+            out["stale"].append({"path": str(p), "bytes": _du(p)})
         elif _is_entry(root, p):
             try:
                 meta = json.loads((p / "meta.json").read_text())
@@ -90,13 +104,17 @@ def clear(cache_dir=None, older_than_days: float | None = None, source: str | No
     root = resolve_cache_dir(cache_dir)
     listing = list_entries(root)
     picked = select(listing, older_than_days, source, everything)
-    freed = sum(e["bytes"] for e in picked) + (listing["memo_bytes"] if everything else 0)
+    leftovers = listing["stale"] if everything else []
+    freed = sum(e["bytes"] for e in picked + leftovers) + (listing["memo_bytes"] if everything else 0)
     if dry_run:
         return picked, freed
     for e in picked:
         path = Path(e["path"])
         if _is_entry(root, path):  # checked again right before deleting
             shutil.rmtree(path)
+    for t in leftovers:
+        if _stale_tmp(root, Path(t["path"])):
+            shutil.rmtree(t["path"])
     memo = root / "memo"
     if everything and memo.is_dir() and not memo.is_symlink():
         for f in memo.iterdir():
@@ -132,7 +150,10 @@ def format_listing(listing: dict) -> str:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     total = sum(e["bytes"] for e in entries)
+    stale = listing["stale"]
     lines.append(f"{len(entries)} entries, {human_bytes(total)}; memos {human_bytes(listing['memo_bytes'])}"
+                 + (f"; {len(stale)} unfinished writes older than a day, "
+                    f"{human_bytes(sum(t['bytes'] for t in stale))} (clear --all removes them)" if stale else "")
                  + (f"; left alone (not cache entries): {', '.join(listing['other'])}" if listing["other"] else ""))
     return "\n".join(lines)
 
