@@ -78,6 +78,13 @@ class OptimConfig:
     gamma: float = 0.1                # step: factor at each milestone
     label_smoothing: float = 0.0      # target mass spread over the other classes, in [0, 1)
     clip_grad: float | None = None    # max global grad norm
+    full_lr_steps: int = 0            # a fit with fewer optimiser steps T scales its peak rate to lr * T / this
+                                      # (0 = off). Why: a short run has no steps left to recover from the
+                                      # early excursion a high rate causes. ResNet-18, 1,200 CIFAR images at
+                                      # 64 px, 36 steps: lr 0.1 -> val_loss 5697, 338, 4.1, 2.4; lr 0.05 ->
+                                      # 12.9, 97.5, 3.5, 1.79; lr 0.02 -> 2.48, 2.44, 1.95, 1.81. The default
+                                      # recipe sets 200 (36 steps: 0.1 -> 0.018); with onecycle the warm-up
+                                      # stays pct_start of the steps, so it too scales with the run's length
 
 
 @dataclass
@@ -411,6 +418,7 @@ RANGES = {
     "optim.weight_decay": (0, _INF, "[)"),
     "optim.warmup_epochs": (0, _INF, "[)"),
     "optim.pct_start": (0, 1, "()"),
+    "optim.full_lr_steps": (0, _INF, "[)"),
     "optim.milestones": (0, _INF, "()"),
     "optim.gamma": (0, _INF, "()"),
     "optim.label_smoothing": (0, 1, "[)"),

@@ -24,7 +24,7 @@ from resforge.runs import MetricsLog, is_main_process
 from resforge.training.device import Runtime
 from resforge.training.ema import EMA
 from resforge.training.lookahead import Lookahead
-from resforge.training.optim import build_optimizer, build_scheduler, param_groups
+from resforge.training.optim import build_optimizer, build_scheduler, param_groups, short_run_scale
 from resforge.training.probes import GradNormMeter, prefixed_metrics
 
 
@@ -234,6 +234,11 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
     groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_norm_bias, lr_scale)
     opt = build_optimizer(groups, optim_cfg)
     sched = build_scheduler(opt, optim_cfg, train_cfg.epochs, len(train_batches))
+    total_steps = train_cfg.epochs * len(train_batches)
+    if short_run_scale(optim_cfg, total_steps) < 1 and resume is None:
+        _log(f"{desc}short run: {total_steps} optimiser steps < optim.full_lr_steps={optim_cfg.full_lr_steps}, "
+             f"so the peak rate is {optim_cfg.lr * short_run_scale(optim_cfg, total_steps):.3g} "
+             f"(optim.lr={optim_cfg.lr:g} x {total_steps}/{optim_cfg.full_lr_steps})")
     ema = EMA(model, train_cfg.ema, train_cfg.ema_every) if train_cfg.ema else None
     lookahead = (Lookahead(model, train_cfg.lookahead_every, train_cfg.lookahead_alpha,
                            train_cfg.epochs * len(train_batches)) if train_cfg.lookahead_every else None)
