@@ -223,7 +223,7 @@ def _md_tta(tta: dict) -> str:
 
 def _md_warnings(warnings: list[dict]) -> str:
     """training/health.py's diagnosis: what went wrong, the likely cause and the fix."""
-    return "\n".join(["## Warnings", ""] + [f"- **{w.get('kind', '?')}**: {w.get('message', '')}" for w in warnings])
+    return "\n".join(["## Warnings", ""] + [f"- {w.get('message', w.get('kind', '?'))}" for w in warnings])
 
 
 def _md_rejected(rejected: list[dict]) -> str:

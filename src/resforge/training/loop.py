@@ -359,7 +359,7 @@ def _diverged(row: dict, weights_ok: bool, cfg: TrainConfig, state: FitState, ha
     what = (f"{desc}training diverged in epoch {row['epoch']} (train loss {row['train_loss']:.4g}, "
             f"val loss {row.get('val_loss', float('nan')):.4g}"
             f"{'' if weights_ok else ', inf/nan in the weights or BN statistics'})")
-    advice = "lower optim.lr, or set optim.clip_grad (e.g. 1.0)"
+    advice = "lower optim.lr (`resforge lr-find` suggests one), or set optim.clip_grad (e.g. 1.0)"
     if not have_best:
         raise DivergedError(f"{what}, and there is no earlier validated epoch to restore: {advice}")
     if not cfg.restore_best:
