@@ -62,6 +62,7 @@ def test_forced_divergence_and_chance_are_reported_with_the_fix(tmp_path):
     out, report, run = _train(tmp_path, "--epochs", "1", "--lr", "3")
     kinds = [w["kind"] for w in report["warnings"]]
     assert kinds == ["exploded", "chance"], report["warnings"]
+    assert "val_loss" in out and "is over 10x ln(10): the learning rate is too high" in out    # at the epoch
     assert out.count("WARNING: ") == 2 and "resforge lr-find --data digits" in out and "optim.lr=0.3" in out
     md = (run / "report.md").read_text()
     assert "## Warnings" in md and "loss exploded" in md and "chance level" in md

@@ -14,6 +14,11 @@ EXPLODED_FACTOR = 10.0   # a loss above 10 x ln K (10x a uniform guess's loss) h
 CHANCE_SIGMAS = 2.0      # accuracy within 2 binomial standard errors of the chance rate is chance
 
 
+def exploded_limit(num_classes: int) -> float:
+    """The loss above which a run has blown up: 10 x ln K, a uniform guess's loss being ln K."""
+    return EXPLODED_FACTOR * math.log(max(int(num_classes), 2))
+
+
 def diagnose(history: list[dict], num_classes: int, results: dict | None = None, *,
              data: str | None = None, lr: float | None = None) -> list[dict]:
     """-> [{"kind": "exploded" | "chance", "message": one sentence with cause and fix, ...figures}].
@@ -22,7 +27,7 @@ def diagnose(history: list[dict], num_classes: int, results: dict | None = None,
     "n" and "confusion"} after training; data/lr name the run's source and optim.lr in the fix."""
     out = []
     k = max(int(num_classes), 2)
-    limit = EXPLODED_FACTOR * math.log(k)
+    limit = exploded_limit(k)
     lower = f"a lower optim.lr (e.g. optim.lr={lr / 10:g})" if lr else "a lower optim.lr"
     find = "resforge lr-find" + (f" --data {shlex.quote(str(data))}" if data else "")
     bad = [(r["epoch"], key, r[key]) for r in history for key in ("train_loss", "val_loss")
@@ -51,9 +56,30 @@ def diagnose(history: list[dict], num_classes: int, results: dict | None = None,
                         "message": f"{split} accuracy {acc:.4f} is chance level ({chance:.4f}: "
                                    f"{'the majority class' if chance > 1 / k + 1e-9 else f'1/{k}'}, "
                                    f"± {noise:.3f} on {n} images): the model has not learned yet. Likely "
-                                   f"causes: too few epochs ({epochs} run) or a learning rate that is too "
-                                   f"high or too low; run `{find}`, try {lower}, or more train.epochs"})
+                                   f"cause: too few steps ({epochs} epochs run): raise train.epochs; or a "
+                                   f"learning rate that does not suit this data: run `{find}`"
+                                   + (f" or try {lower}" if bad else "")})
     return out
+
+
+def history_from_csv(path) -> list[dict]:
+    """metrics.csv rows as fit's history (numbers; empty cells left out) for runs that only kept the file."""
+    import csv
+    from pathlib import Path
+    if not Path(path).is_file():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row = {}
+            for key, cell in r.items():
+                try:
+                    row[key] = float(cell)
+                except (TypeError, ValueError):
+                    pass
+            if "epoch" in row:
+                rows.append(row)
+    return rows
 
 
 def format_warnings(warnings: list[dict], desc: str = "") -> str:

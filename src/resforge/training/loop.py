@@ -22,6 +22,7 @@ from resforge.data.augment import Augmenter
 from resforge.data.loader import epoch_generator
 from resforge.runs import MetricsLog, is_main_process
 from resforge.training.device import Runtime
+from resforge.training import health
 from resforge.training.ema import EMA
 from resforge.training.lookahead import Lookahead
 from resforge.training.optim import build_optimizer, build_scheduler, param_groups, short_run_scale
@@ -273,7 +274,9 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
         weights_ok = _weights_finite(eval_model)
         stop = False
         if val_batches is not None and ((epoch + 1) % train_cfg.val_every == 0 or last):
-            row |= val_metrics(*predict_logits(eval_model, val_batches, augment, rt))
+            logits, labels = predict_logits(eval_model, val_batches, augment, rt)
+            row |= val_metrics(logits, labels)
+            classes = logits.shape[1]
             value = row[train_cfg.monitor]
             if weights_ok and _finite(row) and _improved(train_cfg, value, state.best):
                 state.best, state.best_epoch, state.bad_rounds = value, epoch + 1, 0
@@ -288,6 +291,9 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
         if metrics_log is not None:
             metrics_log.append(row)
         _report_epoch(row, stats, train_cfg, desc)
+        if "val_loss" in row and row["val_loss"] > health.exploded_limit(classes):   # now, not after 30 epochs
+            _log(f"{desc}  val_loss {row['val_loss']:.4g} is over {health.EXPLODED_FACTOR:g}x ln({classes}): the "
+                 f"learning rate is too high for this data (optim.lr={optim_cfg.lr:g}; `resforge lr-find` suggests one)")
         if not (weights_ok and _finite(row)):            # no "last" checkpoint of nan weights
             _diverged(row, weights_ok, train_cfg, state, best_weights is not None, desc)
             break
