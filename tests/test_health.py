@@ -50,7 +50,7 @@ def test_default_recipe_small_data_few_steps_converges_instead_of_blowing_up(tmp
     # the old recipe): val_loss 380992 then 106, chance accuracy. After: every val_loss near ln 4.
     out, report, run = _train(tmp_path, "--data", str(_quadrant_npz(tmp_path / "q.npz")), "--model", "resnet18",
                               "--epochs", "2", "--batch-size", "32", "eval.splits=[val]")
-    assert "short run: 20 optimiser steps" in out and "peak rate is 0.01" in out
+    assert "short run: 20 optimiser steps" in out and "peak rate is 0.01 " in out
     rows = list(__import__("csv").DictReader(open(run / "metrics.csv")))
     assert all(float(r["val_loss"]) < 10 * math.log(4) for r in rows), rows
     assert report["warnings"] == [] and "WARNING" not in out
