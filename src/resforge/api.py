@@ -35,6 +35,7 @@ from resforge.models import create_model
 from resforge.plots import plot_training_curves
 from resforge.infer import predict  # noqa: F401  (re-exported API)
 from resforge.report import write_report
+from resforge.training.health import diagnose, format_warnings
 from resforge.runs import MetricsLog, default_run_name, is_main_process, new_run_dir, open_for_resume
 from resforge.training.device import Runtime, make_runtime, seed_everything
 from resforge.training.budget import plan_epochs
@@ -225,6 +226,10 @@ def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cf
         extra["bn_recalibration"] = fit_result.bn_recalibration
     if cfg.eval.tta:
         extra["tta"] = tta_record(augment, "the run's aug config")
+    extra["warnings"] = diagnose(fit_result.state.history, len(bundle.class_names), results,
+                                 data=cfg.data.source, lr=cfg.optim.lr)
+    if extra["warnings"]:
+        _say(format_warnings(extra["warnings"]))
     write_report(run_dir, results, meta=meta, extra=extra)
     plot_training_curves(run_dir / "metrics.csv", run_dir / "results.png",
                          label_smoothing=cfg.optim.label_smoothing)

@@ -22,7 +22,7 @@ _MAIN_PANELS = (
     ("learning rate", ("lr",)),
 )
 _GRAD_PREFIX, _GRAD_TITLE = "grad_norm_", "gradient norm per stage"  # train.grad_norms columns: one panel
-_LOG_PANELS = ("learning rate", _GRAD_TITLE)
+_LOG_PANELS = ("loss", "learning rate", _GRAD_TITLE)  # log y-axis when values span decades
 _MAX_EXTRA_PANELS = 9  # keeps the grid readable if a run logs many columns
 
 
@@ -135,13 +135,19 @@ def _draw_panel(ax, x: np.ndarray, series: dict[str, np.ndarray], title: str,
     for name, y in series.items():
         style = "--" if name.startswith("train") else "-"
         ax.plot(x, y, style, marker=marker, markersize=3, label=labels.get(name, name))
-    if title in _LOG_PANELS and series and _positive_span(series) > 100:
-        ax.set_yscale("log")  # warmup/decay spanning decades is unreadable on a linear axis
+    if use_log_axis(title, series):
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
     if len(series) > 1 or any(n in labels for n in series):
         ax.legend(fontsize=8)
+
+
+def use_log_axis(title: str, series: dict[str, np.ndarray]) -> bool:
+    """Log y-axis when a panel's positive values span more than two decades: lr warm-up/decay, and
+    a loss that exploded (val_loss 5697 then 2.4 flattens every normal epoch onto the axis)."""
+    return title in _LOG_PANELS and bool(series) and _positive_span(series) > 100
 
 
 def _positive_span(series: dict[str, np.ndarray]) -> float:

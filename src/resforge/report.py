@@ -63,9 +63,11 @@ def render_markdown(report: dict) -> str:
     if isinstance(report.get("tta"), dict):
         parts.append(_md_tta(report["tta"]))
     parts += [_md_per_class(split, report[split]) for split in splits if report[split].get("per_class")]
+    if report.get("warnings"):
+        parts.insert(1, _md_warnings(report["warnings"]))      # first thing read after the header
     if report.get("rejected"):
         parts.append(_md_rejected(report["rejected"]))
-    notes = {k: v for k, v in report.items() if k not in (*_RESERVED, *splits, "rejected", "tta")}
+    notes = {k: v for k, v in report.items() if k not in (*_RESERVED, *splits, "rejected", "tta", "warnings")}
     if notes:
         parts.append(_md_notes(notes))
     return "\n\n".join(parts) + "\n"
@@ -219,6 +221,11 @@ def _md_tta(tta: dict) -> str:
             f"Logits averaged over {len(views)} view(s): {', '.join(f'`{v}`' for v in views)}; "
             f"chosen by {tta.get('from', '?')}. A mirror is used only for networks trained with flips, "
             "one-pixel shifts only for networks trained with translations.")
+
+
+def _md_warnings(warnings: list[dict]) -> str:
+    """training/health.py's diagnosis: what went wrong, the likely cause and the fix."""
+    return "\n".join(["## Warnings", ""] + [f"- {w.get('message', w.get('kind', '?'))}" for w in warnings])
 
 
 def _md_rejected(rejected: list[dict]) -> str:

@@ -209,6 +209,11 @@ def _save(run_dir: Path, model, meta: dict, rows: list[dict], results: dict, s: 
                           "source_format": s.pre.fmt, "bn": s.cfg.finetune.bn,
                           "bn_resolved": s.bn, "phases": phases,
                           "input_size": list(s.augment.out_hw), "notes": s.notes}}
+    from resforge.training.health import diagnose, format_warnings, history_from_csv
+    extra["warnings"] = diagnose(history_from_csv(run_dir / "metrics.csv"), len(s.bundle.class_names), results,
+                                 data=s.cfg.data.source, lr=s.cfg.optim.lr)
+    if extra["warnings"]:
+        say(format_warnings(extra["warnings"]))
     md = write_finetune_report(run_dir, rows, results, meta=meta, extra=extra)
     if (run_dir / "metrics.csv").is_file():
         plot_training_curves(run_dir / "metrics.csv", run_dir / "results.png")

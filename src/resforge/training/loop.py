@@ -22,9 +22,10 @@ from resforge.data.augment import Augmenter
 from resforge.data.loader import epoch_generator
 from resforge.runs import MetricsLog, is_main_process
 from resforge.training.device import Runtime
+from resforge.training import health
 from resforge.training.ema import EMA
 from resforge.training.lookahead import Lookahead
-from resforge.training.optim import build_optimizer, build_scheduler, param_groups
+from resforge.training.optim import build_optimizer, build_scheduler, param_groups, short_run_scale
 from resforge.training.probes import GradNormMeter, prefixed_metrics
 
 
@@ -234,6 +235,11 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
     groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_norm_bias, lr_scale)
     opt = build_optimizer(groups, optim_cfg)
     sched = build_scheduler(opt, optim_cfg, train_cfg.epochs, len(train_batches))
+    total_steps = train_cfg.epochs * len(train_batches)
+    if short_run_scale(optim_cfg, total_steps) < 1 and resume is None:
+        _log(f"{desc}short run: {total_steps} optimiser steps < optim.full_lr_steps={optim_cfg.full_lr_steps}, "
+             f"so the peak rate is {optim_cfg.lr * short_run_scale(optim_cfg, total_steps):.3g} "
+             f"(optim.lr={optim_cfg.lr:g} x {total_steps}/{optim_cfg.full_lr_steps})")
     ema = EMA(model, train_cfg.ema, train_cfg.ema_every) if train_cfg.ema else None
     lookahead = (Lookahead(model, train_cfg.lookahead_every, train_cfg.lookahead_alpha,
                            train_cfg.epochs * len(train_batches)) if train_cfg.lookahead_every else None)
@@ -268,7 +274,9 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
         weights_ok = _weights_finite(eval_model)
         stop = False
         if val_batches is not None and ((epoch + 1) % train_cfg.val_every == 0 or last):
-            row |= val_metrics(*predict_logits(eval_model, val_batches, augment, rt))
+            logits, labels = predict_logits(eval_model, val_batches, augment, rt)
+            row |= val_metrics(logits, labels)
+            classes = logits.shape[1]
             value = row[train_cfg.monitor]
             if weights_ok and _finite(row) and _improved(train_cfg, value, state.best):
                 state.best, state.best_epoch, state.bad_rounds = value, epoch + 1, 0
@@ -283,6 +291,9 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
         if metrics_log is not None:
             metrics_log.append(row)
         _report_epoch(row, stats, train_cfg, desc)
+        if "val_loss" in row and row["val_loss"] > health.exploded_limit(classes):   # now, not after 30 epochs
+            _log(f"{desc}  val_loss {row['val_loss']:.4g} is over {health.EXPLODED_FACTOR:g}x ln({classes}): the "
+                 f"learning rate is too high for this data (optim.lr={optim_cfg.lr:g}; `resforge lr-find` suggests one)")
         if not (weights_ok and _finite(row)):            # no "last" checkpoint of nan weights
             _diverged(row, weights_ok, train_cfg, state, best_weights is not None, desc)
             break
@@ -354,7 +365,7 @@ def _diverged(row: dict, weights_ok: bool, cfg: TrainConfig, state: FitState, ha
     what = (f"{desc}training diverged in epoch {row['epoch']} (train loss {row['train_loss']:.4g}, "
             f"val loss {row.get('val_loss', float('nan')):.4g}"
             f"{'' if weights_ok else ', inf/nan in the weights or BN statistics'})")
-    advice = "lower optim.lr, or set optim.clip_grad (e.g. 1.0)"
+    advice = "lower optim.lr (`resforge lr-find` suggests one), or set optim.clip_grad (e.g. 1.0)"
     if not have_best:
         raise DivergedError(f"{what}, and there is no earlier validated epoch to restore: {advice}")
     if not cfg.restore_best:

@@ -95,7 +95,16 @@ def milestone_step(m: float, unit: str, total: int, steps_per_epoch: int) -> flo
     return {"fraction": m * total, "epoch": m * steps_per_epoch, "step": m}[unit]
 
 
+def short_run_scale(cfg: OptimConfig, total_steps: int) -> float:
+    """Peak-rate multiplier of a fit with `total_steps` optimiser steps: total / optim.full_lr_steps
+    below it (a short run cannot recover from a high rate's early blow-up), else 1."""
+    if cfg.full_lr_steps <= 0 or total_steps >= cfg.full_lr_steps:
+        return 1.0
+    return max(total_steps, 1) / cfg.full_lr_steps
+
+
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     total = epochs * steps_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s, total, steps_per_epoch))
+    scale = short_run_scale(cfg, total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: scale * lr_factor(cfg, s, total, steps_per_epoch))
