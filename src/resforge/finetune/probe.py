@@ -153,7 +153,7 @@ def probe_configs(optim: OptimConfig, train: TrainConfig, epochs: int, lr: float
     restore-best carry over from the run's own settings."""
     o = OptimConfig(name="adamw", lr=lr, weight_decay=wd, schedule="cosine", warmup_epochs=0,
                     label_smoothing=optim.label_smoothing, no_decay_norm_bias=True)
-    t = dataclasses.replace(train, epochs=epochs, ema=None, compile=False, progress=False, val_every=1)
+    t = dataclasses.replace(train, epochs=epochs, ema=None, compile=False, val_every=1)
     return o, t
 
 
