@@ -96,3 +96,21 @@ def test_off_a_terminal_short_phases_print_nothing_and_long_ones_one_line_each_e
     for _ in progress.track(range(2), "evaluating val"):
         time.sleep(0.1)
     assert capsys.readouterr().err == ""
+
+
+def test_cli_scan_shows_its_phases_on_a_terminal_and_is_quiet_in_a_log(tree, tmp_path):
+    """Through the real command line: forced bars name the phase; piped output (a log) stays clean."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "RESFORGE_CACHE": str(tmp_path / "c")}
+    env.pop("RESFORGE_PROGRESS", None)
+
+    def cli(**extra):
+        return subprocess.run([sys.executable, "-m", "resforge.cli", "data", "scan", str(tree)],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=120)
+    shown, quiet = cli(RESFORGE_PROGRESS="1"), cli()
+    assert shown.returncode == quiet.returncode == 0, shown.stderr + quiet.stderr
+    assert "scanning: decoding and hashing images" in shown.stderr
+    assert quiet.stderr == "" and shown.stdout == quiet.stdout
