@@ -276,7 +276,8 @@ def evaluate_bundle(model: nn.Module, bundle, augment: Augmenter, rt: Runtime, s
         if s not in bundle.splits or len(bundle.splits[s].labels) == 0:
             continue
         batches = make_batches(bundle, s, rt.device, batch_size, train=False, workers=workers)
-        logits, labels = predict_logits(model, batches, augment, rt, tta=tta)
+        views = f" (TTA x{len(augment.tta_view_names())})" if tta else ""
+        logits, labels = predict_logits(model, batches, augment, rt, tta=tta, desc=f"evaluating {s}{views}")
         out[s] = classification_metrics(logits.numpy(), labels.numpy(), list(bundle.class_names))
         out[s]["tta"] = tta
         if tta:

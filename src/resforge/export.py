@@ -34,6 +34,7 @@ from resforge import __version__
 from resforge.artifact import validate_meta
 from resforge.backends import EXPORT_SUFFIX, META_FILE, META_KEY, missing_extra
 from resforge.atomic import finish_temporary, temporary_for
+from resforge.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def check_parity(model: torch.nn.Module, exported, inputs: np.ndarray,
     """(max |logit diff|, its limit, top-1 agreement) of `exported` (np -> np logits) against
     eager fp32 PyTorch; raises ExportError when either is off."""
     diffs, same, peak = [], [], 0.0
-    for s in parity_batches(len(inputs)):
+    for s in track(parity_batches(len(inputs)), "checking export parity", unit="batch"):
         x = np.ascontiguousarray(inputs[s], dtype=np.float32)
         with torch.inference_mode():
             want = model(torch.from_numpy(x)).float().numpy()          # (b, K)

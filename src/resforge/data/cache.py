@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..progress import track
+
 CACHE_FORMAT = 1
 LAST_USE_FILE = "last_use.json"
 
@@ -82,7 +84,8 @@ def write_entry(cache_dir, fingerprint: str, meta: dict, arrays: dict) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{fingerprint[:16]}-", dir=root))
     try:
         meta = {**meta, "cache_format": CACHE_FORMAT, "splits": dict(meta["splits"])}
-        for name, (images, labels) in arrays.items():
+        for name, (images, labels) in track(arrays.items(), "writing the decoded-image cache",
+                                            total=len(arrays), unit="split"):
             np.ascontiguousarray(images, dtype=np.uint8).tofile(tmp / f"{name}.u8")
             np.save(tmp / f"{name}.labels.npy", np.asarray(labels, dtype=np.int64))
             meta["splits"][name] = {**meta["splits"][name], "shape": list(images.shape)}

@@ -23,6 +23,7 @@ from .cache import settings_hash, sha256_file
 from .images import IMAGE_EXTENSIONS, ImageError, decode_image, probe_image, resize_image, verify_image
 from .limits import DataLimits
 from .paths import display_name, not_regular_reason
+from ..progress import track
 
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -127,7 +128,8 @@ def _rel(listing: dict, p: Path) -> str:
 
 # ---------------------------------------------------------------- probing
 
-def _probe_all(listing, pool, check=probe_image, keep_errors=False) -> tuple[list, list[dict]]:
+def _probe_all(listing, pool, check=probe_image, keep_errors=False,
+               desc="reading image headers") -> tuple[list, list[dict]]:
     """Per item: ((H, W), gray) or None; rejected entries for the None ones.
     check: probe_image (header only) or verify_image (header + full decode, nothing kept);
     keep_errors: the ImageError itself instead of None."""
@@ -136,7 +138,7 @@ def _probe_all(listing, pool, check=probe_image, keep_errors=False) -> tuple[lis
             return check(item[2])
         except ImageError as e:
             return e
-    results = list(pool.map(probe, listing["items"]))
+    results = list(track(pool.map(probe, listing["items"]), desc, total=len(listing["items"])))
     if keep_errors:
         return results, []
     rejected = [_reject(listing, item, r.reason) for item, r in zip(listing["items"], results)
@@ -181,8 +183,9 @@ def decode_tree(listing: dict, settings: dict, workers: int | None = None,
         limits.check_bytes(len(ok) * channels * size[0] * size[1],
                            f"{listing['root']}: {len(ok)} images at {channels}x{size[0]}x{size[1]}")
         out = np.empty((len(ok), channels, *size), np.uint8)       # (N, C, H, W)
-        results = list(pool.map(lambda j: _decode_into(out, j, ok[j][2], channels, size,
-                                                       settings["resize"]), range(len(ok))))
+        results = list(track(pool.map(lambda j: _decode_into(out, j, ok[j][2], channels, size,
+                                                             settings["resize"]), range(len(ok))),
+                             "decoding images", total=len(ok)))
     rejected = _skipped_rejects(listing) + rejected
     digests = {str(p): _file_digest(p)  # probe-rejected files still count in the fingerprint
                for (_, _, p), pr in zip(listing["items"], probes) if pr is None}
@@ -293,7 +296,8 @@ def stream_tree(listing: dict, settings: dict, workers: int | None = None,
     probes = _from_checked(checked, len(listing["items"]))
     if probes is None:
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            results, _ = _probe_all(listing, pool, check=verify_image, keep_errors=True)
+            results, _ = _probe_all(listing, pool, check=verify_image, keep_errors=True,
+                                    desc="checking images (full decode)")
         checked = [{"reason": r.reason} if isinstance(r, ImageError) else [*r[0], r[1]] for r in results]
         probes = _from_checked(checked, len(listing["items"]))
     rejected = _skipped_rejects(listing) + [_reject(listing, item, c["reason"]) for item, c in

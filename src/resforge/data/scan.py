@@ -20,6 +20,7 @@ import numpy as np
 from .cifar import looks_like_cifar
 from .images import ImageError, decode_image, resize_image
 from .paths import display_name
+from ..progress import track
 from .sources import DataBundle, load_source
 
 
@@ -64,7 +65,7 @@ def _pixel_hash(img: np.ndarray) -> bytes:
 
 def _pixel_hashes(split, bundle, rejected) -> list[bytes] | None:
     if split.images is not None:
-        return [_pixel_hash(img) for img in split.images]               # img: (C, H, W)
+        return [_pixel_hash(img) for img in track(split.images, "scanning: hashing pixels")]  # img: (C, H, W)
     if split.files is None:
         return None
     resize = bundle.extra.get("resize", "shorter-center-crop")
@@ -77,13 +78,14 @@ def _pixel_hashes(split, bundle, rejected) -> list[bytes] | None:
             return hashlib.blake2b(str(path).encode("utf-8", "backslashreplace")).digest()
         return _pixel_hash(arr.transpose(2, 0, 1))
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        return list(pool.map(one, split.files))
+        return list(track(pool.map(one, split.files), "scanning: decoding and hashing images",
+                          total=len(split.files)))
 
 
 def _file_hashes(split, bundle=None, rejected=None) -> list[bytes] | None:
     if split.files is None:
         return None
-    return [_file_hash(f) for f in split.files]
+    return [_file_hash(f) for f in track(split.files, "scanning: hashing files", unit="file")]
 
 
 def _file_hash(path, chunk: int = 1 << 20) -> bytes:

@@ -16,21 +16,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from resforge.config import OptimConfig, RunConfig, TrainConfig
+from resforge.progress import Bar
 from resforge.training.loop import fit, recalibrate_bn
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, batches, augment, rt) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(model: nn.Module, batches, augment, rt,
+                     desc: str = "extracting features") -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled pre-logit features (N, D) fp32 on CPU and labels (N,), in split order; the
     backbone runs in eval mode (BN uses its running statistics), images as at evaluation."""
     model.eval()
     feats, labels = [], []
-    for x_u8, y, _ in batches.batches(None):
-        x = augment.eval_view(x_u8)
-        with rt.autocast():
-            f = model.forward_head(model.forward_features(rt.to_input(x)), pre_logits=True)
-        feats.append(f.float().cpu())
-        labels.append(y.cpu())
+    with Bar(desc=desc, total=getattr(batches, "num_images", None)) as bar:
+        for x_u8, y, _ in batches.batches(None):
+            x = augment.eval_view(x_u8)
+            with rt.autocast():
+                f = model.forward_head(model.forward_features(rt.to_input(x)), pre_logits=True)
+            feats.append(f.float().cpu())
+            labels.append(y.cpu())
+            bar.update(len(y))
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -149,7 +153,7 @@ def probe_configs(optim: OptimConfig, train: TrainConfig, epochs: int, lr: float
     restore-best carry over from the run's own settings."""
     o = OptimConfig(name="adamw", lr=lr, weight_decay=wd, schedule="cosine", warmup_epochs=0,
                     label_smoothing=optim.label_smoothing, no_decay_norm_bias=True)
-    t = dataclasses.replace(train, epochs=epochs, ema=None, compile=False, progress=False, val_every=1)
+    t = dataclasses.replace(train, epochs=epochs, ema=None, compile=False, val_every=1)
     return o, t
 
 

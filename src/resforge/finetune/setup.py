@@ -171,7 +171,7 @@ def cached_features(s: Setup, splits=("train", "val", "test")) -> dict:
             t0 = time.perf_counter()
             b = make_batches(s.bundle, split, s.rt.device, s.cfg.train.eval_batch_size, train=False,
                              workers=s.cfg.data.workers)
-            out[split] = extract_features(s.model, b, s.augment, s.rt)
+            out[split] = extract_features(s.model, b, s.augment, s.rt, desc=f"extracting features ({split})")
             seconds[split] = time.perf_counter() - t0
     say(f"features cached: {', '.join(f'{k} {tuple(v[0].shape)}' for k, v in out.items())} "
          f"in {sum(seconds.values()):.1f}s")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from resforge import progress as P
 from resforge.config import OptimConfig, TrainConfig
 from resforge.data.augment import Augmenter
 from resforge.data.loader import epoch_generator
@@ -106,8 +107,8 @@ def train_one_epoch(model: nn.Module, batches, augment: Augmenter, updater: Upda
     total_loss = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device)
     seen, t0 = 0, time.perf_counter()
-    bar = tqdm(batches.batches(g), total=len(batches), desc=desc, leave=False,
-               disable=not (progress and is_main_process()), dynamic_ncols=True)
+    bar = P.Bar(batches.batches(g), total=len(batches), desc=desc, unit="batch", enabled=progress,
+                announce=False)                 # off a terminal the epoch lines are the log
     for i, (x_u8, y, idx) in enumerate(bar):
         logits, target, loss = forward_loss(model, (x_u8, y, idx), augment, rt, loss_fn, epoch, g)
         updater.step(model, loss, state)
@@ -130,18 +131,21 @@ def train_one_epoch(model: nn.Module, batches, augment: Augmenter, updater: Upda
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches, augment: Augmenter, rt: Runtime,
-                   tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   tta: bool = False, desc: str = "evaluating") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, K) fp32 on CPU and labels (N,) for a whole split, in the split's order; with
-    `tta` the mean over the views the augmenter declares (Augmenter.tta_views)."""
+    `tta` the mean over the views the augmenter declares (Augmenter.tta_views). desc: the
+    progress bar's label (resforge.progress)."""
     model.eval()
     outs, labels = [], []
-    for x_u8, y, _ in batches.batches(None):
-        x = augment.eval_view(x_u8)
-        views = augment.tta_views(x) if tta else [x]
-        with rt.autocast():
-            logits = sum(model(rt.to_input(v)).float() for v in views) / len(views)
-        outs.append(logits.cpu())
-        labels.append(y.cpu())
+    with P.Bar(desc=desc, total=getattr(batches, "num_images", None)) as bar:
+        for x_u8, y, _ in batches.batches(None):
+            x = augment.eval_view(x_u8)
+            views = augment.tta_views(x) if tta else [x]
+            with rt.autocast():
+                logits = sum(model(rt.to_input(v)).float() for v in views) / len(views)
+            outs.append(logits.cpu())
+            labels.append(y.cpu())
+            bar.update(len(y))
     return torch.cat(outs), torch.cat(labels)
 
 
@@ -182,12 +186,14 @@ def recalibrate_bn(model: nn.Module, batches, augment: Augmenter, rt: Runtime, *
         for m in bns:
             m.train()
         seen = 0
-        for x_u8, _, _ in batches.batches(generator):
-            with rt.autocast():
-                model(rt.to_input(augment.eval_view(x_u8)))
-            seen += len(x_u8)
-            if max_images is not None and seen >= max_images:
-                break
+        with P.Bar(desc="re-estimating BN statistics", total=_images(batches, max_images)) as bar:
+            for x_u8, _, _ in batches.batches(generator):
+                with rt.autocast():
+                    model(rt.to_input(augment.eval_view(x_u8)))
+                seen += len(x_u8)
+                bar.update(len(x_u8))
+                if max_images is not None and seen >= max_images:
+                    break
     finally:
         for h in hooks:
             h.remove()
@@ -195,6 +201,11 @@ def recalibrate_bn(model: nn.Module, batches, augment: Augmenter, rt: Runtime, *
             m.momentum = momentum
         model.eval()
     return seen if started else 0
+
+
+def _images(batches, cap: int | None) -> int | None:
+    n = getattr(batches, "num_images", None)
+    return n if cap is None or n is None else min(n, cap)
 
 
 def _wants_recalibration(cfg: TrainConfig, steps: int) -> bool:
