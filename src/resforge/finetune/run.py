@@ -48,7 +48,9 @@ def _prototype_row(s: Setup, feats: dict, names: list[str], adapt_seconds: float
     head.fit_scale(*(feats.get("val") or feats["train"]))
     seconds = time.perf_counter() - t0 + feats["seconds"] + adapt_seconds
     m = classification_metrics(head.logits(feats["test"][0]).numpy(), feats["test"][1].numpy(), names)
-    return comparison_row("a", "prototype head (nearest class mean), no training", m, train_seconds=seconds,
+    method = ("prototype head (class means), AdaBN, no training" if adapt_seconds
+              else "prototype head (nearest class mean), no training")
+    return comparison_row("a", method, m, train_seconds=seconds,
                           trainable_params=0, class_names=names, scale=head.scale)
 
 
@@ -116,7 +118,8 @@ def _before_rows(s: Setup, log: MetricsLog) -> tuple[list[dict], list[dict], flo
         t0 = time.perf_counter()
         rows.append(_prototype_row(s, feats, names, adapt_seconds))
         m = classification_metrics(probe_logits(probe[0], feats["test"][0]).numpy(), feats["test"][1].numpy(), names)
-        rows.append(comparison_row("b", "linear probe on cached features", m, train_seconds=probe[2],
+        method = "linear probe on cached features" + (" (AdaBN)" if adapt_seconds else "")
+        rows.append(comparison_row("b", method, m, train_seconds=probe[2],
                                    trainable_params=probe[3], class_names=names, baseline=rows[0]))
         compare_seconds += time.perf_counter() - t0
     if not need_probe:                   # the probe and its features were for row (b) only
