@@ -113,7 +113,8 @@ def _before_rows(s: Setup, log: MetricsLog) -> tuple[list[dict], list[dict], flo
     adapt_seconds = adapt_bn(s, P.bn_to_adapt(s.model, s.phases, s.bn) if need_probe else [])
     feats = cached_features(s, ("train", "val", "test") if ft.compare else ("train", "val"))
     rows, compare_seconds = [], feats["seconds_by_split"].get("test", 0.0)
-    probe = fit_probe(s, feats, log if need_probe else None, announce=need_probe, extra_seconds=adapt_seconds)
+    # announced and logged (phase "probe" in metrics.csv) as before, also when it is row (b)'s only
+    probe = fit_probe(s, feats, log, extra_seconds=adapt_seconds)
     if ft.compare:
         t0 = time.perf_counter()
         rows.append(_prototype_row(s, feats, names, adapt_seconds))
