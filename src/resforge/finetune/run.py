@@ -111,6 +111,7 @@ def _before_rows(s: Setup, log: MetricsLog) -> tuple[list[dict], list[dict], flo
     if not (ft.compare or need_probe):
         return [], [], 0.0, 0.0
     adapt_seconds = adapt_bn(s, P.bn_to_adapt(s.model, s.phases, s.bn) if need_probe else [])
+    t_rows = time.perf_counter()
     feats = cached_features(s, ("train", "val", "test") if ft.compare else ("train", "val"))
     rows, compare_seconds = [], feats["seconds_by_split"].get("test", 0.0)
     # announced and logged (phase "probe" in metrics.csv) as before, also when it is row (b)'s only
@@ -124,7 +125,7 @@ def _before_rows(s: Setup, log: MetricsLog) -> tuple[list[dict], list[dict], flo
                                    trainable_params=probe[3], class_names=names, baseline=rows[0]))
         compare_seconds += time.perf_counter() - t0
     if not need_probe:                   # the probe and its features were for row (b) only
-        return rows, [], 0.0, compare_seconds + probe[2]
+        return rows, [], 0.0, time.perf_counter() - t_rows
     head, res, seconds, trainable, total = probe
     done = [_phase_info(s.phases[0], res, {"trainable": trainable, "total": total}, 0, seconds,
                        s.cfg.train.monitor)]
