@@ -260,3 +260,45 @@ def test_a_diverging_phase_is_undone_and_reported(resnet20, tiny_npz, tmp_path, 
     assert [r["key"] for r in run.rows] == ["a", "b", "c"]
     report = (run.dir / "report.md").read_text()
     assert "diverged: undone" in report and "was undone" in report
+
+
+def _count_no_grad_images_before_training(monkeypatch):
+    """Images through forward_features with gradients off before the first training step:
+    the feature passes (and BN re-estimation) fine-tuning spends before it trains."""
+    import resforge.finetune.run as run_mod
+    seen = {"before": 0, "training": False}
+    build = run_mod.build_setup
+
+    def counting_setup(*a, **k):
+        s = build(*a, **k)
+        forward = s.model.forward_features
+
+        def counted(x):
+            seen["training"] = seen["training"] or torch.is_grad_enabled()
+            if not seen["training"]:
+                seen["before"] += len(x)
+            return forward(x)
+        s.model.forward_features = counted
+        return s
+    monkeypatch.setattr(run_mod, "build_setup", counting_setup)
+    return seen
+
+
+def test_rows_and_the_policys_probe_share_one_feature_pass(resnet20, tiny_npz, tmp_path, cache, monkeypatch):
+    """48 train / 16 val / 24 test. A policy that trains BN (last-stages:1): AdaBN over train,
+    then ONE feature pass per split for rows (a), (b) and the policy's probe (it was: rows on
+    train+val+test, AdaBN, train+val again = 200 images). finetune.compare=false drops the test
+    pass and rows (a), (b), and the policy (row c) is the same either way."""
+    seen = _count_no_grad_images_before_training(monkeypatch)
+    on = _ft(resnet20, tiny_npz, tmp_path, cache, "last-stages:1", name="cmp-on")
+    assert seen["before"] == 48 + (48 + 16 + 24)
+    seen.update(before=0, training=False)
+    off = _ft(resnet20, tiny_npz, tmp_path, cache, "last-stages:1", "finetune.compare=false", name="cmp-off")
+    assert seen["before"] == 48 + (48 + 16)
+    assert [r["key"] for r in on.rows] == ["a", "b", "c"] and [r["key"] for r in off.rows] == ["c"]
+    assert on.rows[2]["top1"] == off.rows[0]["top1"] and on.rows[2]["ece"] == off.rows[0]["ece"]
+    assert "(AdaBN)" in on.rows[1]["method"]     # rows (a), (b) describe the network the policy starts from
+    report = json.loads((on.dir / "report.json").read_text())["finetune"]
+    assert report["compare"] is True and report["comparison_seconds"] > 0
+    assert "Rows (a) and (b) cost" in (on.dir / "report.md").read_text()
+    assert "skipped (finetune.compare=false)" in (off.dir / "report.md").read_text()

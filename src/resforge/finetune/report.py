@@ -62,13 +62,24 @@ def render_comparison(rows: list[dict], class_names: list[str], extra: dict) -> 
             f"({ft.get('arch')}, {ft.get('source_format')} weights) · {len(class_names)} classes · "
             f"every row scored on the same saved test split (n={n}, split hash "
             f"`{str(extra.get('split_hash', ''))[:12]}`)")
-    parts = [head, "## Before / after (test)\n\n" + _summary(rows), "## Per-class F1 (test), change against (a)\n\n"
+    parts = [head, "## Before / after (test)\n\n" + _summary(rows) + _comparison_cost(ft), "## Per-class F1 (test), change against (a)\n\n"
              + _per_class(rows, class_names)]
     if ft.get("phases"):
         parts.append("## Phases of the policy\n\n" + _phases(ft["phases"]))
     if ft.get("notes"):
         parts.append("## Notes\n\n" + "\n".join(f"- {x}" for x in ft["notes"]))
     return "\n\n".join(parts)
+
+
+def _comparison_cost(ft: dict) -> str:
+    """What rows (a) and (b) cost on top of the policy (their test-split feature pass and scoring;
+    for a policy without a probe phase, their whole feature pass and probe)."""
+    if "comparison_seconds" not in ft:
+        return ""
+    if not ft.get("compare", True):
+        return "\n\nRows (a) and (b) skipped (finetune.compare=false)."
+    return (f"\n\nRows (a) and (b) cost {ft['comparison_seconds']:.1f} s beyond what the policy needs "
+            "(finetune.compare=false skips them).")
 
 
 def _summary(rows: list[dict]) -> str:

@@ -20,8 +20,8 @@ from resforge.config import RunConfig
 from resforge.finetune import policies as P
 from resforge.finetune.probe import PrototypeHead, probe_logits
 from resforge.finetune.report import comparison_row, write_finetune_report
-from resforge.finetune.setup import (PhaseLog, Setup, build_setup, cached_features, fit_probe, resolve_config,
-                                     say, start_probe)
+from resforge.finetune.setup import (PhaseLog, Setup, adapt_bn, build_setup, cached_features, fit_probe,
+                                     resolve_config, say)
 from resforge.metrics import classification_metrics
 from resforge.runs import MetricsLog, is_main_process, new_run_dir
 from resforge.training.loop import DivergedError, fit
@@ -42,13 +42,15 @@ class FinetuneRun:
 # ---------------------------------------------------------------- features, prototype, probe
 
 
-def _prototype_row(s: Setup, feats: dict, names: list[str]) -> dict:
+def _prototype_row(s: Setup, feats: dict, names: list[str], adapt_seconds: float = 0.0) -> dict:
     t0 = time.perf_counter()
     head = PrototypeHead(*feats["train"], len(names))
     head.fit_scale(*(feats.get("val") or feats["train"]))
-    seconds = time.perf_counter() - t0 + feats["seconds"]
+    seconds = time.perf_counter() - t0 + feats["seconds"] + adapt_seconds
     m = classification_metrics(head.logits(feats["test"][0]).numpy(), feats["test"][1].numpy(), names)
-    return comparison_row("a", "prototype head (nearest class mean), no training", m, train_seconds=seconds,
+    method = ("prototype head (class means), AdaBN, no training" if adapt_seconds
+              else "prototype head (nearest class mean), no training")
+    return comparison_row("a", method, m, train_seconds=seconds,
                           trainable_params=0, class_names=names, scale=head.scale)
 
 
@@ -69,7 +71,7 @@ def finetune(source: str | Path, *, data: str | None = None, policy: str | None 
     _write_run_files(run_dir, cfg, s)
     _announce(s, run_dir)
     log, t_all = MetricsLog(run_dir / "metrics.csv"), time.perf_counter()
-    rows, phases_done, head_seconds = _before_rows(s, log)
+    rows, phases_done, head_seconds, compare_seconds = _before_rows(s, log)
     model, fit_seconds = _run_phases(s, log, phases_done)
     results = _evaluate(s, model)
     total = fit_seconds + head_seconds
@@ -77,7 +79,7 @@ def finetune(source: str | Path, *, data: str | None = None, policy: str | None 
     rows.append(comparison_row("c", f"policy {cfg.finetune.policy}", results["test"], train_seconds=total,
                                trainable_params=trainable, class_names=names, baseline=rows[0] if rows else None))
     meta = _meta(s, cfg, results, sum(p.get("epochs_run", 0) for p in phases_done))
-    _save(run_dir, model, meta, rows, results, s, phases_done, time.perf_counter() - t_all)
+    _save(run_dir, model, meta, rows, results, s, phases_done, time.perf_counter() - t_all, compare_seconds)
     return FinetuneRun(run_dir, cfg, model, meta, results, rows, phases_done, total)
 
 
@@ -90,31 +92,45 @@ def _announce(s: Setup, run_dir: Path) -> None:
         say(f"  note: {n}")
 
 
-def _before_rows(s: Setup, log: MetricsLog) -> tuple[list[dict], list[dict], float]:
-    """Rows (a) prototype and (b) linear probe on features cached once; a policy whose head goes
-    first starts from the probe. -> (rows, phase records, seconds the policy spent on its head)."""
+def _before_rows(s: Setup, log: MetricsLog) -> tuple[list[dict], list[dict], float, float]:
+    """Rows (a) prototype and (b) linear probe, and the head a probe-first policy starts from, all
+    on ONE feature pass per split. -> (rows, phase records, seconds the policy spent on its head,
+    seconds spent only for rows (a) and (b)).
+
+    When the policy trains BN layers, their statistics are re-estimated first (AdaBN) and the
+    features extracted once after it. That is still a fair "before" for rows (a) and (b): AdaBN
+    changes no weight and sees only the unlabelled training images (never val or test), so both
+    rows remain "no backbone training"; and they now describe exactly the network the policy
+    starts from, so row (b) *is* the policy's probe phase instead of a second probe fitted on
+    features of a network the policy never trains. Before, rows (a)/(b) had their own pass on the
+    un-adapted backbone and the probe a second train+val pass: three passes over the training
+    images before training, now two (AdaBN needs its own: the features depend on the statistics
+    it ends with)."""
     ft, names = s.cfg.finetune, list(s.bundle.class_names)
     need_probe = s.phases[0].kind == "probe"
-    adapt = P.bn_to_adapt(s.model, s.phases, s.bn) if need_probe else []
-    rows, probe = [], None
+    if not (ft.compare or need_probe):
+        return [], [], 0.0, 0.0
+    adapt_seconds = adapt_bn(s, P.bn_to_adapt(s.model, s.phases, s.bn) if need_probe else [])
+    t_rows = time.perf_counter()
+    feats = cached_features(s, ("train", "val", "test") if ft.compare else ("train", "val"))
+    rows, compare_seconds = [], feats["seconds_by_split"].get("test", 0.0)
+    # announced and logged (phase "probe" in metrics.csv) as before, also when it is row (b)'s only
+    probe = fit_probe(s, feats, log, extra_seconds=adapt_seconds)
     if ft.compare:
-        feats = cached_features(s)
-        rows.append(_prototype_row(s, feats, names))
-        own = not adapt                  # the policy starts from this probe unless its BN adapts first
-        probe = fit_probe(s, feats, log if own else None, announce=own)
+        t0 = time.perf_counter()
+        rows.append(_prototype_row(s, feats, names, adapt_seconds))
         m = classification_metrics(probe_logits(probe[0], feats["test"][0]).numpy(), feats["test"][1].numpy(), names)
-        rows.append(comparison_row("b", "linear probe on cached features", m, train_seconds=probe[2],
+        method = "linear probe on cached features" + (" (AdaBN)" if adapt_seconds else "")
+        rows.append(comparison_row("b", method, m, train_seconds=probe[2],
                                    trainable_params=probe[3], class_names=names, baseline=rows[0]))
-        probe = probe if own else None
-    if not need_probe:
-        return rows, [], 0.0             # the probe was for row (b) only: not a phase of the policy
-    if probe is None:
-        probe = start_probe(s, adapt, log)
+        compare_seconds += time.perf_counter() - t0
+    if not need_probe:                   # the probe and its features were for row (b) only
+        return rows, [], 0.0, time.perf_counter() - t_rows
     head, res, seconds, trainable, total = probe
     done = [_phase_info(s.phases[0], res, {"trainable": trainable, "total": total}, 0, seconds,
                        s.cfg.train.monitor)]
     s.model.fc.load_state_dict(head.model_fc_state())          # head first: start from the probe
-    return rows, done, seconds
+    return rows, done, seconds, compare_seconds
 
 
 def _run_phases(s: Setup, log: MetricsLog, done: list[dict]) -> tuple[nn.Module, float]:
@@ -197,7 +213,7 @@ def _meta(s: Setup, cfg: RunConfig, results: dict, epochs: int) -> dict:
 
 
 def _save(run_dir: Path, model, meta: dict, rows: list[dict], results: dict, s: Setup,
-          phases: list[dict], wall: float) -> None:
+          phases: list[dict], wall: float, compare_seconds: float = 0.0) -> None:
     from resforge.checkpoint import save_checkpoint
     from resforge.plots import plot_training_curves
     if not is_main_process():
@@ -207,7 +223,8 @@ def _save(run_dir: Path, model, meta: dict, rows: list[dict], results: dict, s: 
              "data": {**meta["data"], "splits": {k: int(len(sp.labels)) for k, sp in s.bundle.splits.items()}},
              "finetune": {"policy": s.cfg.finetune.policy, "source": str(s.pre.path), "arch": s.pre.arch,
                           "source_format": s.pre.fmt, "bn": s.cfg.finetune.bn,
-                          "bn_resolved": s.bn, "phases": phases,
+                          "bn_resolved": s.bn, "phases": phases, "compare": s.cfg.finetune.compare,
+                          "comparison_seconds": round(compare_seconds, 3),
                           "input_size": list(s.augment.out_hw), "notes": s.notes}}
     from resforge.training.health import diagnose, format_warnings, history_from_csv
     extra["warnings"] = diagnose(history_from_csv(run_dir / "metrics.csv"), len(s.bundle.class_names), results,

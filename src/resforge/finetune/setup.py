@@ -176,6 +176,7 @@ def cached_features(s: Setup, splits=("train", "val", "test")) -> dict:
     say(f"features cached: {', '.join(f'{k} {tuple(v[0].shape)}' for k, v in out.items())} "
          f"in {sum(seconds.values()):.1f}s")
     out["seconds"] = seconds["train"]          # what training a head costs: the train split's pass
+    out["seconds_by_split"] = seconds
     return out
 
 
@@ -195,16 +196,23 @@ def fit_probe(s: Setup, feats: dict, log: MetricsLog | None, announce: bool = Tr
     return head, res, res.train_seconds + feats["seconds"] + extra_seconds, trainable, total
 
 
-def start_probe(s: Setup, bns: list[nn.Module], log: MetricsLog | None):
-    """The policy's starting head. When the policy trains BN layers, their statistics are first
-    re-estimated on the training images (AdaBN, no weight changes) and the head is fitted on the
-    features of that network: rows (a) and (b) describe the backbone as it came, this head the start."""
+def adapt_bn(s: Setup, bns: list[nn.Module]) -> float:
+    """When the policy trains BN layers, re-estimate their statistics on the training images
+    (AdaBN, no weight changes) so the head is fitted on the features fine-tuning starts from.
+    -> seconds spent (0 when there is nothing to adapt)."""
+    if not bns:
+        return 0.0
     t0 = time.perf_counter()
-    if bns:
-        b = make_batches(s.bundle, "train", s.rt.device, s.cfg.train.eval_batch_size, train=False,
-                         workers=s.cfg.data.workers)
-        reestimate_bn(s.model, bns, b, s.augment, s.rt)
-        say(f"BN statistics of {len(bns)} layers the policy trains re-estimated on the training images "
-             f"(AdaBN) in {time.perf_counter() - t0:.1f}s; the policy's head is fitted on those features")
-    adapt_seconds = time.perf_counter() - t0
+    b = make_batches(s.bundle, "train", s.rt.device, s.cfg.train.eval_batch_size, train=False,
+                     workers=s.cfg.data.workers)
+    reestimate_bn(s.model, bns, b, s.augment, s.rt)
+    seconds = time.perf_counter() - t0
+    say(f"BN statistics of {len(bns)} layers the policy trains re-estimated on the training images "
+        f"(AdaBN) in {seconds:.1f}s; the head and rows (a), (b) use the features of that network")
+    return seconds
+
+
+def start_probe(s: Setup, bns: list[nn.Module], log: MetricsLog | None):
+    """The policy's starting head (lr-find's too): AdaBN on `bns`, then a probe on the train/val features."""
+    adapt_seconds = adapt_bn(s, bns)
     return fit_probe(s, cached_features(s, ("train", "val")), log, extra_seconds=adapt_seconds)
