@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import resforge
-from resforge.api import build_model
+from resforge.pipeline import build_model
 from resforge.config import load_config
 from resforge.training.device import cpu_has_native_bf16
 

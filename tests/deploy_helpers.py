@@ -66,7 +66,7 @@ def png_bytes(value: int = 128, size=(12, 12), mode: str = "L", fmt: str = "PNG"
 def digit_images(run: Path, n: int = 8) -> list[tuple[str, bytes, int]]:
     """(name, PNG bytes, label) of real test digits of the run's data, upscaled to 32x32."""
     from resforge.config import load_config
-    from resforge.api import prepare_data
+    from resforge.pipeline import prepare_data
     import json
     cfg = json.loads((run / "config.json").read_text())
     bundle, _ = prepare_data(load_config(None, None, base=cfg))

@@ -74,7 +74,7 @@ def _bundle_names(tmp_path, npz, names_file=None):
     overrides = {"data.source": str(npz), "data.val_fraction": 0.5}
     if names_file is not None:
         overrides["data.class_names"] = str(names_file)
-    from resforge.api import prepare_data
+    from resforge.pipeline import prepare_data
     return prepare_data(load_config("default", overrides))[0].class_names
 
 

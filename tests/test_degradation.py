@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import resforge.api
+import resforge.train_run
 from resforge.cli import _seeds, main
 from resforge.config import OptimConfig, load_config
 from resforge.experiments import degradation as dg
@@ -98,12 +98,12 @@ def test_runner_writes_runs_figures_and_table(experiment):
 
 def _spy(monkeypatch):
     calls = []
-    real = resforge.api.train
+    real = resforge.train_run.train
 
     def train(*args, **kwargs):
         calls.append("resume" if kwargs.get("resume") else "new")
         return real(*args, **kwargs)
-    monkeypatch.setattr(resforge.api, "train", train)
+    monkeypatch.setattr(resforge.train_run, "train", train)   # what run_degradation calls
     return calls
 
 

@@ -10,7 +10,8 @@ from resforge.data.augment import Augmenter
 from resforge.data.loader import TensorBatches
 from resforge.finetune import policies as P
 from resforge.finetune.probe import FeatureBatches, ProbeHead, PrototypeHead, reestimate_bn
-from resforge.finetune.source import (CIFAR10_CLASSES, build_from_pretrained, class_row_map, keep_class_rows,
+from resforge.weightfile import CIFAR10_CLASSES
+from resforge.finetune.source import (build_from_pretrained, class_row_map, keep_class_rows,
                                       read_pretrained)
 from resforge.training.device import make_runtime
 from resforge.training.loop import soft_cross_entropy

@@ -19,7 +19,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def folder(run, tmp_path_factory):
     """200 real test digits as PNG/JPEG files in nested folders, plus one broken file."""
-    from resforge.api import prepare_data
+    from resforge.pipeline import prepare_data
     from resforge.config import load_config
     cfg = json.loads((run / "config.json").read_text())
     split = prepare_data(load_config(None, None, base=cfg))[0].splits["test"]

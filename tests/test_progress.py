@@ -10,7 +10,7 @@ from PIL import Image
 
 import resforge
 from resforge import progress
-from resforge.api import evaluate_bundle
+from resforge.pipeline import evaluate_bundle
 from resforge.config import AugConfig
 from resforge.data import load_source, scan
 from resforge.data.augment import Augmenter

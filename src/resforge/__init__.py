@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 
 # Every public name loads on first use, so `import resforge` (and `resforge --help`, which
 # needs only __version__) does not pay torch's ~1-10 s import.
-_LAZY = {"train": "resforge.api", "evaluate": "resforge.api", "predict": "resforge.api",
-         "scan": "resforge.api", "load_config": "resforge.api",
+# Each name maps to the module that defines it (resforge.api is the same set as a façade).
+_LAZY = {"train": "resforge.train_run", "evaluate": "resforge.evaluation", "predict": "resforge.infer",
+         "scan": "resforge.data", "load_config": "resforge.config",
          "create_model": "resforge.models", "list_models": "resforge.models", "model_info": "resforge.models"}
 
 __all__ = ["__version__", *_LAZY]

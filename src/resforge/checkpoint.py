@@ -26,10 +26,12 @@ from resforge import __version__
 from resforge import artifact
 from resforge.artifact import FORMAT, FORMAT_VERSION, ArtifactError  # noqa: F401 (re-exported)
 from resforge.atomic import DiskFullError, atomic_write, atomic_write_text  # noqa: F401 (re-exported)
-from resforge.weights import WeightsError, guess_architecture, load_weights, read_state_dict
+from resforge.models import create_model
+from resforge.weightfile import imagenet_stats, read_weights_file
+from resforge.weights import WeightsError, load_weights
 
 log = logging.getLogger(__name__)
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """fp32, contiguous, CPU copies (safetensors refuses shared or strided storage)."""
     out = {}
@@ -68,35 +70,20 @@ def load_state(path: Path) -> dict:
     return artifact.load_state(path)
 
 
-def resolve_weights(source: str | Path, which: str = "best") -> Path:
-    """A run folder, a weights folder or a file -> the weights file to read."""
-    p = Path(source)
-    if p.is_dir():
-        for cand in (p / "weights" / f"{which}.safetensors", p / f"{which}.safetensors",
-                     p / "weights" / "last.safetensors", p / "last.safetensors"):
-            if cand.is_file():
-                return cand
-        raise FileNotFoundError(f"{p} is a folder without weights/{which}.safetensors: "
-                                "pass a run folder of resforge or a weights file")
-    if not p.is_file():
-        raise FileNotFoundError(f"weights not found: {p}")
-    return p
-
-
 def read_meta(path: Path) -> dict:
     """The sidecar of a resforge checkpoint, verified against its weights file and validated
     (artifact.read_sidecar); {} when the weights have none."""
     return artifact.read_sidecar(Path(path)) or {}
 
 
-def default_meta_for(model: nn.Module, fmt: str, class_names: list[str] | None, in_chans: int) -> dict:
+def default_meta_for(model: nn.Module, fmt: str, class_names: list[str] | None, in_chans: int,
+                     kwargs: dict | None = None) -> dict:
     """Preprocessing for third-party weights: both torchvision/timm and the akamaster CIFAR
     nets were trained on ImageNet-normalised inputs. The meta says it was assumed."""
     cfg = model.default_cfg
     k = model.fc.out_features if hasattr(model, "fc") else None
-    mean = IMAGENET_MEAN if in_chans == 3 else [sum(IMAGENET_MEAN) / 3] * in_chans
-    std = IMAGENET_STD if in_chans == 3 else [sum(IMAGENET_STD) / 3] * in_chans
-    return {"model": {"name": cfg["arch"], "num_classes": k, "in_chans": in_chans, "kwargs": {}},
+    mean, std = imagenet_stats(in_chans)
+    return {"model": {"name": cfg["arch"], "num_classes": k, "in_chans": in_chans, "kwargs": dict(kwargs or {})},
             "class_names": class_names or [str(i) for i in range(k)],
             "input_size": [in_chans, *cfg["input_size"][1:]], "mean": mean, "std": std,
             "source_format": fmt,
@@ -110,39 +97,34 @@ def load_for_inference(source, *, model_name: str | None = None, num_classes: in
     """Build the model a weights file describes and load it, in eval mode on `device`.
 
     resforge checkpoints carry everything; third-party files (torchvision/timm ImageNet
-    ResNets, the akamaster CIFAR ResNets) need `model_name` unless their keys identify it.
-    Either way the result is proven to fit its meta (artifact.check_outputs) before it is
-    returned: a bad artifact fails here, not on the first image."""
-    path = resolve_weights(source)
-    sd, meta, fmt = read_state_dict(path)          # a resforge sidecar comes back validated
-    if fmt == "resforge":
-        m = meta["model"]
-        if model_name and model_name != m["name"]:
-            raise WeightsError(f"{path} holds a {m['name']}, not a {model_name}: drop --model "
-                               f"or pass weights of a {model_name}")
-        model = _build(path, m["name"], m["num_classes"], m["in_chans"], m.get("kwargs", {}), sd, "checkpoint")
+    ResNets, the akamaster CIFAR ResNets) need `model_name` unless their keys identify it
+    (weightfile.read_weights_file). Either way the result is proven to fit its meta
+    (artifact.check_outputs) before it is returned: a bad artifact fails here, not on the first image."""
+    wf = read_weights_file(source, model_name)
+    path, sd = wf.path, wf.state_dict
+    if wf.fmt == "resforge":
+        meta = wf.meta
+        model = _build(path, wf.arch, wf.num_classes, wf.in_chans, wf.kwargs, sd, "checkpoint")
     else:
-        name = model_name or guess_architecture(sd)
-        if name is None:
-            raise WeightsError(f"cannot tell which architecture {path} holds: pass --model NAME "
-                               "(see `resforge models`)")
-        file_classes = sd["fc.weight"].shape[0] if "fc.weight" in sd else None
-        k = num_classes or file_classes
-        c = in_chans or (sd["conv1.weight"].shape[1] if "conv1.weight" in sd else 3)
+        name = wf.require_arch()
+        k = num_classes or wf.num_classes
+        c = in_chans or wf.in_chans
         if class_names is not None and len(class_names) != k:
             raise WeightsError(f"{path} has {k} outputs but {len(class_names)} class names were given")
         most = artifact.limit("max_classes")
         if k is not None and not 1 <= k <= most or not 1 <= c <= artifact.MAX_IN_CHANS:
             raise ArtifactError(f"{path}: {k} classes and {c} input channels are outside 1..{most} and "
                                 f"1..{artifact.MAX_IN_CHANS}; {artifact.REMEDY['weights']}")
-        model = _build(path, name, k, c, {}, sd, "weights")
-        meta = artifact.validate_meta({**default_meta_for(model, fmt, class_names, c), "weights": str(path)},
-                                      path, "weights")
+        model = _build(path, name, k, c, wf.kwargs, sd, "weights")
+        # Class names of a third-party head come from the caller (evaluate takes the data's) or are
+        # the output indices.
+        meta = artifact.validate_meta({**default_meta_for(model, wf.fmt, class_names, c, wf.kwargs),
+                                       "weights": str(path)}, path, "weights")
         log.warning("%s has no resforge sidecar: assuming ImageNet preprocessing (mean %s, std %s, "
                     "%dx%d); predictions are only right if the model was trained so", path,
                     _short(meta["mean"]), _short(meta["std"]), *meta["input_size"][1:])
     model = model.to(device).eval()
-    artifact.check_outputs(lambda x: _run(model, x), meta, path, "checkpoint" if fmt == "resforge" else "weights")
+    artifact.check_outputs(lambda x: _run(model, x), meta, path, "checkpoint" if wf.fmt == "resforge" else "weights")
     return model, meta
 
 
@@ -153,7 +135,6 @@ def _short(values: list[float]) -> str:
 def _build(path: Path, name: str, k: int, c: int, kwargs: dict, sd: dict, kind: str) -> nn.Module:
     """The registry model loaded with `sd`; a builder's complaint about the recorded settings
     becomes an ArtifactError about the file."""
-    from resforge.models import create_model
     try:
         model = create_model(name, num_classes=k, in_chans=c, **kwargs)
     except (TypeError, ValueError) as e:

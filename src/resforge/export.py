@@ -74,7 +74,8 @@ def export(source: str | Path, format: str = "onnx", out: str | Path | None = No
            model_name: str | None = None, samples: list[str | Path] | None = None,
            atol: float = ATOL) -> ExportResult:
     """Export a run folder / checkpoint / weights file; see the module docstring."""
-    from resforge.checkpoint import load_for_inference, resolve_weights
+    from resforge.checkpoint import load_for_inference
+    from resforge.weightfile import resolve_weights
 
     _check_format(format)
     model, meta = load_for_inference(source, model_name=model_name)
@@ -85,7 +86,7 @@ def export(source: str | Path, format: str = "onnx", out: str | Path | None = No
 
 def ensure_export(source, format: str, *, model_name: str | None = None) -> Path:
     """The artifact next to the weights if it is newer than them, else a fresh export."""
-    from resforge.checkpoint import resolve_weights
+    from resforge.weightfile import resolve_weights
 
     weights = resolve_weights(source)
     path = weights.with_suffix(EXPORT_SUFFIX[format])
@@ -247,7 +248,7 @@ def _run_data(meta: dict, prep, n: int) -> tuple[list[np.ndarray] | None, str]:
         return None, "the checkpoint does not name its training data"
     spec = cfg_dict["data"]["source"]
     try:
-        from resforge.api import prepare_data
+        from resforge.pipeline import prepare_data
         from resforge.config import load_config
         bundle, _ = prepare_data(load_config(None, {"data.download": False}, base=cfg_dict))
     except Exception as e:  # noqa: BLE001 — missing/moved data must not block an export

@@ -23,6 +23,12 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def say(msg: str) -> None:
+    """Print a progress line, once per job (on the main process of a distributed run)."""
+    if is_main_process():
+        print(msg, flush=True)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
 

@@ -256,8 +256,11 @@ def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 def load_weights(model: nn.Module, path_or_state_dict: str | Path | Mapping[str, torch.Tensor], *,
-                 strict: bool = True, adapt_in_chans: bool = True, head: str = "strict") -> LoadResult:
+                 strict: bool = True, adapt_in_chans: bool = True, head: str = "strict",
+                 source: str | None = None) -> LoadResult:
     """Load weights into `model`, adapting the stem and head as asked.
+
+    source: what to call a given state dict in error messages (e.g. the file it was read from).
 
     head: "strict" -- the fc must match (else HeadMismatchError saying how to fine-tune);
           "reset" -- ignore the file's fc, the model keeps its fresh one;
@@ -269,7 +272,7 @@ def load_weights(model: nn.Module, path_or_state_dict: str | Path | Mapping[str,
     if head not in ("strict", "reset", "keep-matching"):
         raise ValueError(f"head must be 'strict', 'reset' or 'keep-matching', got {head!r}")
     if isinstance(path_or_state_dict, Mapping):
-        source = "the given state dict"
+        source = source or "the given state dict"
         sd, meta = _unwrap(path_or_state_dict, source)
         sd, fmt = normalize_state_dict(sd)
     else:

@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from resforge import train_run
 from resforge.checkpoint import atomic_write_text
 from resforge.config import load_config
 from resforge.experiments.degradation_results import FAMILIES, comparable, summarise, write_outputs
@@ -187,7 +188,7 @@ def run_degradation(depths=(20, 56), seeds=(0,), *, recipe: str = DEFAULT_RECIPE
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if train_fn is None:
-        from resforge.api import train as train_fn      # late: api.degradation imports this module
+        train_fn = train_run.train                      # looked up now: tests replace it
     depths, seeds = sorted({int(d) for d in depths}), list(dict.fromkeys(int(s) for s in seeds))
     exp_dir = experiment_dir(project, name or Path(recipe).stem)
     settings = {"recipe": recipe, "epochs": epochs, "overrides": list(overrides)}
@@ -256,8 +257,7 @@ def _start_helpers(n: int, specs, exp_dir: Path, settings: dict) -> list:
 
 def _helper(specs, exp_dir: Path, settings: dict, threads: int) -> None:
     torch.set_num_threads(threads)
-    from resforge.api import train
-    _work(specs, exp_dir, settings, train)
+    _work(specs, exp_dir, settings, train_run.train)
 
 
 def _join(procs: list) -> None:

@@ -23,12 +23,12 @@ from torch import nn
 
 from resforge.config import OptimConfig, RunConfig
 from resforge.data.augment import Augmenter
-from resforge.data.loader import epoch_generator, make_batches
+from resforge.data.loader import epoch_generator
 from resforge.finetune import policies as P
 from resforge.finetune.probe import FeatureBatches, IdentityAugment, probe_configs, probe_head
 from resforge.finetune.setup import build_setup, cached_features, resolve_config, say, start_probe
+from resforge.pipeline import build_model, normalisation, prepare_data, start_runtime, train_batches
 from resforge.runs import new_run_dir
-from resforge.training.device import make_runtime, seed_everything
 from resforge.training.loop import soft_cross_entropy
 from resforge.training.optim import build_optimizer, param_groups
 
@@ -144,14 +144,12 @@ def lr_find(source: str | Path | None = None, *, data: str | None = None, policy
 
 
 def _scratch_target(cfg: RunConfig):
-    from resforge.api import build_model, channel_stats, prepare_data
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-    rt = make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last, cfg.train.threads)
+    rt = start_runtime(cfg)
     bundle, _ = prepare_data(cfg)
     net, _, pre = build_model(cfg, len(bundle.class_names), bundle.channels)
-    mean, std = (pre["mean"], pre["std"]) if pre.get("mean") else channel_stats(bundle)
+    mean, std = normalisation(pre, bundle)
     augment = Augmenter(cfg.aug, mean, std, len(bundle.class_names), bundle.image_size, seed=cfg.train.seed)
-    tb = make_batches(bundle, "train", rt.device, cfg.train.batch_size, train=True, workers=cfg.data.workers)
+    tb = train_batches(cfg, bundle, rt)
     return (net.to(rt.device), tb, augment, rt, None, soft_cross_entropy(cfg.optim.label_smoothing), cfg.optim,
             f"{cfg.model.name} from scratch")
 

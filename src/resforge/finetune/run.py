@@ -23,6 +23,7 @@ from resforge.finetune.report import comparison_row, write_finetune_report
 from resforge.finetune.setup import (PhaseLog, Setup, adapt_bn, build_setup, cached_features, fit_probe,
                                      resolve_config, say)
 from resforge.metrics import classification_metrics
+from resforge.pipeline import evaluate_bundle, split_counts, write_run_files
 from resforge.runs import MetricsLog, is_main_process, new_run_dir
 from resforge.training.loop import DivergedError, fit
 
@@ -184,7 +185,6 @@ def _phase_info(ph, result, counts: dict, frozen_checked: int, seconds: float, m
 
 
 def _evaluate(s: Setup, model: nn.Module) -> dict:
-    from resforge.api import evaluate_bundle
     splits = list(dict.fromkeys([*s.cfg.eval.splits, "test"]))
     return evaluate_bundle(model, s.bundle, s.augment, s.rt, splits, s.cfg.eval.tta,
                            s.cfg.train.eval_batch_size, s.cfg.data.workers)
@@ -195,10 +195,9 @@ def _run_name(s: Setup, cfg: RunConfig) -> str:
 
 
 def _write_run_files(run_dir: Path, cfg: RunConfig, s: Setup) -> None:
-    from resforge.api import _write_run_files as write
     cfg.model.name = s.pre.arch                        # the record names the network actually used
     if is_main_process():
-        write(run_dir, cfg, s.manifest, s.bundle)
+        write_run_files(run_dir, cfg, s.manifest, s.bundle)
 
 
 def _meta(s: Setup, cfg: RunConfig, results: dict, epochs: int) -> dict:
@@ -220,7 +219,7 @@ def _save(run_dir: Path, model, meta: dict, rows: list[dict], results: dict, s: 
         return
     save_checkpoint(run_dir / "weights" / "best", model, meta)
     extra = {"split_hash": meta["split_hash"], "wall_seconds": round(wall, 2),
-             "data": {**meta["data"], "splits": {k: int(len(sp.labels)) for k, sp in s.bundle.splits.items()}},
+             "data": {**meta["data"], "splits": split_counts(s.bundle)},
              "finetune": {"policy": s.cfg.finetune.policy, "source": str(s.pre.path), "arch": s.pre.arch,
                           "source_format": s.pre.fmt, "bn": s.cfg.finetune.bn,
                           "bn_resolved": s.bn, "phases": phases, "compare": s.cfg.finetune.compare,

@@ -17,8 +17,8 @@ from resforge.finetune import policies as P
 from resforge.finetune.probe import extract_features, linear_probe, reestimate_bn
 from resforge.finetune.source import (Pretrained, build_from_pretrained, class_row_map, input_stats,
                                       keep_class_rows, read_pretrained)
-from resforge.runs import MetricsLog, is_main_process
-from resforge.training.device import make_runtime, seed_everything
+from resforge.pipeline import channel_stats, place_model, prepare_data, start_runtime, train_batches, val_batches
+from resforge.runs import MetricsLog, say
 from resforge.training.loop import soft_cross_entropy
 
 
@@ -44,11 +44,6 @@ class Setup:
     bn: str = "train"                # finetune.bn resolved ("auto" -> "train", or "freeze-stats" for LoRA)
 
 
-def say(msg: str) -> None:
-    if is_main_process():
-        print(msg, flush=True)
-
-
 def resolve_config(recipe=None, overrides=None, *, data=None, policy=None, source=None,
                    config: RunConfig | None = None) -> RunConfig:
     cfg = config or load_config(recipe, overrides)
@@ -68,22 +63,19 @@ def resolve_config(recipe=None, overrides=None, *, data=None, policy=None, sourc
 
 
 def build_setup(cfg: RunConfig, source, model_name: str | None) -> Setup:
-    from resforge.api import prepare_data                # api imports this module lazily: no cycle
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-    rt = make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last, cfg.train.threads)
+    rt = start_runtime(cfg)
     pre = read_pretrained(source, model_name, cfg.finetune.source_classes)
     bundle, manifest = prepare_data(cfg)
     model, kwargs, notes = _model(cfg, pre, bundle)
     phases = P.plan(cfg.finetune.policy, model, cfg.finetune, cfg.train.epochs)   # bad policy: fail now
-    model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    model = place_model(model, rt)
     mean, std = input_stats(pre, bundle.channels)
     side = cfg.finetune.input_size
     out_hw = (side, side) if side else tuple(bundle.image_size)
     augment = Augmenter(cfg.aug, mean, std, len(bundle.class_names), out_hw, seed=cfg.train.seed)
     sample_weights, class_w = _imbalance(bundle, cfg)
     tb = _train_batches(bundle, cfg, rt, sample_weights)
-    vb = (make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers)
-          if len(bundle.splits["val"].labels) else None)
+    vb = val_batches(cfg, bundle, rt)
     return Setup(cfg, rt, bundle, manifest, pre, model, kwargs, augment, mean, std, phases,
                   soft_cross_entropy(cfg.optim.label_smoothing, class_w), sample_weights, tb, vb, notes,
                  P.resolve_bn(cfg.finetune.bn, phases))
@@ -91,7 +83,6 @@ def build_setup(cfg: RunConfig, source, model_name: str | None) -> Setup:
 
 def _model(cfg: RunConfig, pre: Pretrained, bundle) -> tuple[nn.Module, dict, list[str]]:
     """The pretrained network with a head for the data's classes (rows kept where asked)."""
-    from resforge.api import channel_stats
     if pre.fmt == "scratch":                             # the control: the data's own statistics
         pre.kwargs = {k: v for k, v in (("shortcut", cfg.model.shortcut), ("small_input", cfg.model.small_input))
                       if v is not None}
@@ -142,7 +133,7 @@ def _imbalance(bundle, cfg: RunConfig) -> tuple[np.ndarray | None, torch.Tensor 
 def _train_batches(bundle, cfg: RunConfig, rt, sample_weights):
     sp = bundle.splits["train"]
     if sample_weights is None:
-        return make_batches(bundle, "train", rt.device, cfg.train.batch_size, train=True, workers=cfg.data.workers)
+        return train_batches(cfg, bundle, rt)
     if sp.images is None:
         raise ValueError("finetune.balanced_sampling needs the training images in memory, but data.stream=true: "
                          "set data.stream=false, or use finetune.class_weights=balanced instead")

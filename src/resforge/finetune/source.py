@@ -1,5 +1,6 @@
-"""Pretrained starting points for fine-tuning: which network a weights file holds, loading it
-into a model for the new data (new head, adapted stem) and keeping head rows of shared classes.
+"""Pretrained starting points for fine-tuning: the weights file (identified by
+weightfile.read_weights_file), loaded into a model for the new data (new head, adapted stem),
+and keeping head rows of shared classes.
 
 Three kinds of files load here: resforge checkpoints (architecture, classes and normalisation
 come from their sidecar), torchvision/timm-format ImageNet ResNets and the akamaster CIFAR-10
@@ -16,20 +17,18 @@ import torch
 import yaml
 from torch import nn
 
-from resforge.checkpoint import IMAGENET_MEAN, IMAGENET_STD, read_meta, resolve_weights
 from resforge.models import create_model
-from resforge.weights import WeightsError, guess_architecture, load_weights, read_state_dict
+from resforge.weightfile import read_weights_file
+from resforge.weights import load_weights
 
-# The akamaster files hold CIFAR-10 nets; their outputs are in the dataset's class order.
 SCRATCH = "scratch:"
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 @dataclass
 class Pretrained:
     """What is known about the weights a fine-tuning run starts from."""
     path: Path
-    fmt: str                              # resforge | torchvision | akamaster | state_dict
+    fmt: str                              # resforge | torchvision | akamaster | state_dict | scratch
     arch: str
     kwargs: dict                          # builder kwargs (small_input, shortcut, ...)
     in_chans: int                         # input channels of the file's stem
@@ -42,26 +41,21 @@ class Pretrained:
 
 def read_pretrained(source: str | Path, model_name: str | None = None,
                     source_classes: str | None = None) -> Pretrained:
-    """Identify the weights behind `source` (run folder or file); `model_name` must agree.
-    "scratch:ARCH" is a randomly initialised ARCH: the from-scratch control of a comparison,
-    run through exactly the same pipeline (input size, augmentation, splits, loop)."""
+    """Identify the weights behind `source` (run folder or file; weightfile.read_weights_file);
+    `model_name` must agree. "scratch:ARCH" is a randomly initialised ARCH: the from-scratch
+    control of a comparison, run through exactly the same pipeline (input size, augmentation,
+    splits, loop)."""
     if str(source).startswith(SCRATCH):
         return _scratch(str(source)[len(SCRATCH):], model_name)
-    path = resolve_weights(source)
-    sd, meta, fmt = read_state_dict(path)
-    if fmt == "resforge":
-        return _from_checkpoint(path, sd, model_name)
-    arch = _third_party_arch(path, sd, model_name)
-    stem = sd.get("conv1.weight")
-    in_chans = int(stem.shape[1]) if stem is not None else 3
-    kwargs = _builder_kwargs(arch, sd)
-    with torch.device("meta"):                # default input size without allocating weights
-        default = create_model(arch, in_chans=in_chans, **kwargs).default_cfg
-    names = CIFAR10_CLASSES if fmt == "akamaster" else None
-    if source_classes:
+    wf = read_weights_file(source, model_name)
+    arch = wf.require_arch()
+    # The fine-tuning policy sets its own dropout: a checkpoint's drop_rate is not carried over.
+    kwargs = {k: v for k, v in wf.kwargs.items() if k != "drop_rate"}
+    names = wf.class_names
+    if source_classes and wf.fmt != "resforge":
         names = read_class_names(source_classes)
-    return Pretrained(path, fmt, arch, kwargs, in_chans, names, *_imagenet_stats(in_chans),
-                      list(default["input_size"]), sd)
+    return Pretrained(wf.path, wf.fmt, arch, kwargs, wf.in_chans, names, wf.mean, wf.std, wf.input_size,
+                      wf.state_dict)
 
 
 def _scratch(arch: str, model_name: str | None) -> Pretrained:
@@ -71,47 +65,6 @@ def _scratch(arch: str, model_name: str | None) -> Pretrained:
         default = create_model(arch).default_cfg       # unknown names fail here, with suggestions
     c = default["input_size"][0]
     return Pretrained(Path(SCRATCH + arch), "scratch", arch, {}, c, None, [], [], list(default["input_size"]), {})
-
-
-def _from_checkpoint(path: Path, sd: dict, model_name: str | None) -> Pretrained:
-    meta = read_meta(path)
-    m = meta["model"]
-    if model_name and model_name != m["name"]:
-        raise WeightsError(f"{path} holds a {m['name']}, not a {model_name}: drop --model "
-                           f"(resforge checkpoints name their architecture) or pass weights of a {model_name}")
-    kwargs = {k: v for k, v in m.get("kwargs", {}).items() if k != "drop_rate"}
-    return Pretrained(path, "resforge", m["name"], kwargs, int(m["in_chans"]), list(meta["class_names"]),
-                      list(meta["mean"]), list(meta["std"]), list(meta["input_size"]), sd)
-
-
-def _third_party_arch(path: Path, sd: dict, model_name: str | None) -> str:
-    guess = guess_architecture(sd)
-    if model_name is None:
-        if guess is None:
-            raise WeightsError(f"cannot tell which architecture {path} holds: pass --model NAME "
-                               "(see `resforge models`)")
-        return guess
-    twins = guess is not None and model_name.replace("plain", "resnet") == guess  # same keys
-    if guess is not None and model_name != guess and not twins:
-        raise WeightsError(f"{path} holds {guess} weights (by its layer keys), not {model_name}: "
-                           f"pass --model {guess} or drop --model")
-    return model_name
-
-
-def _builder_kwargs(arch: str, sd: dict) -> dict:
-    """Variants that share a name: a 3x3 ImageNet stem (small_input), CIFAR shortcut B."""
-    with torch.device("meta"):
-        layout = create_model(arch).default_cfg["layout"]
-    stem = sd.get("conv1.weight")
-    if layout == "imagenet":
-        return {"small_input": True} if stem is not None and stem.shape[-1] == 3 else {}
-    return {"shortcut": "B"} if any(".downsample." in k for k in sd) else {}
-
-
-def _imagenet_stats(in_chans: int) -> tuple[list[float], list[float]]:
-    if in_chans == 3:
-        return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    return [sum(IMAGENET_MEAN) / 3] * in_chans, [sum(IMAGENET_STD) / 3] * in_chans
 
 
 def read_class_names(path: str | Path) -> list[str]:

@@ -65,7 +65,7 @@ def create_model(name: str, num_classes: int | None = None, in_chans: int = 3,
     return model
 
 
-# Builder settings a checkpoint may record as model.kwargs (what api.build_model and the
+# Builder settings a checkpoint may record as model.kwargs (what pipeline.build_model and the
 # fine-tuner write), per builder module. Nothing else ever reaches a builder from a file:
 # not `pretrained` (a path), not `arch`, not a setting resforge never records.
 _RECORDED_SETTINGS = {

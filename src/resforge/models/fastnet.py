@@ -9,7 +9,7 @@ frozen at 1 and BN biases train at a higher rate (`param_group_hints`); every 3x
 as (partly) the identity (Dirac init).  32x32 inputs give 31 -> 15 -> 7 -> 3 spatial sizes.
 
 The whitening conv needs the data: `init_from_data(images_u8, mean, std)` is called by
-`resforge.api.train` with a sample of the training images before fitting (any model that has
+`resforge.train_run.train` with a sample of the training images before fitting (any model that has
 the method gets this call).  `whitening_filters` is the pure function behind it.
 
 Model contract (docs/DESIGN.md): stages are ["stem", "layer1", "layer2", "layer3", "fc"];

@@ -1,0 +1,176 @@
+"""From a resolved config to what a training loop eats: the one path train, finetune, lr-find,
+evaluate, export and the experiments share.
+
+    config -> prepare_data      data bundle + split manifest (saved or fresh, train subset)
+           -> build_model       model (+ pretrained weights, read by weightfile) + their preprocessing
+              normalisation     the weights' mean/std, else channel_stats of the training images
+              init_from_data    data-dependent initialisation (e.g. airbench94's whitening)
+           -> start_runtime     seeded device/precision/threads (training/device.py)
+              place_model       the model on the runtime's device and memory format
+           -> train_batches, val_batches
+    evaluate_bundle, tta_record    metrics per split of a trained model
+    write_run_files                config.yaml/.json and splits.json of a new run folder
+
+Nothing here knows a command: train_run.py, evaluation.py, finetune/ and experiments/ compose it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from resforge.atomic import atomic_write_text
+from resforge.config import RunConfig
+from resforge.data import load_manifest, load_source, make_splits, save_manifest, subset
+from resforge.data.augment import Augmenter
+from resforge.data.loader import make_batches
+from resforge.data.sources import apply_class_names, read_class_names
+from resforge.metrics import classification_metrics
+from resforge.models import create_model
+from resforge.runs import say
+from resforge.training.device import Runtime, make_runtime, seed_everything
+from resforge.training.loop import predict_logits
+from resforge.weightfile import imagenet_stats, read_weights_file
+from resforge.weights import load_weights
+
+
+# ---------------------------------------------------------------- data
+
+def prepare_data(cfg: RunConfig, manifest: dict | None = None):
+    """Load the source, fix train/val/test (from a manifest when given), subset train."""
+    d = cfg.data
+    names = read_class_names(d.class_names) if d.class_names else None
+    bundle = load_source(d.source, image_size=d.image_size, channels=d.channels, cache_dir=d.cache_dir,
+                         download=d.download, data_root=d.data_root, stream=d.stream)
+    if names is not None:
+        bundle = apply_class_names(bundle, names, d.class_names)
+    if manifest is None and d.manifest:
+        manifest = load_manifest(d.manifest)
+    bundle, manifest = make_splits(bundle, d.val_fraction, d.split_seed, manifest=manifest)
+    if d.train_fraction is not None and manifest.get("train_fraction") is None:
+        bundle = subset(bundle, "train", d.train_fraction, seed=d.split_seed)
+        manifest = make_splits(bundle, manifest=_ids_manifest(bundle, manifest))[1]
+        manifest["train_fraction"] = d.train_fraction
+    return bundle, manifest
+
+
+def _ids_manifest(bundle, base: dict) -> dict:
+    return {**base, "splits": {s: list(sp.ids) for s, sp in bundle.splits.items()}}
+
+
+def split_counts(bundle) -> dict:
+    """{split: number of images}, as reports record them."""
+    return {s: int(len(sp.labels)) for s, sp in bundle.splits.items()}
+
+
+def channel_stats(bundle) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the training images in [0, 1] (a 10k-image sample is plenty)."""
+    sp = bundle.splits["train"]
+    if sp.images is None:                       # streamed: fall back to ImageNet-style stats
+        c = bundle.channels
+        return [0.5] * c, [0.25] * c
+    idx = np.linspace(0, len(sp.labels) - 1, num=min(len(sp.labels), 10_000)).astype(np.int64)
+    x = torch.from_numpy(np.asarray(sp.images[idx])).float() / 255    # (n, C, H, W)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp(min=1e-3)
+    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
+
+
+# ---------------------------------------------------------------- model
+
+def build_model(cfg: RunConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, dict, dict]:
+    """The model of the config, its builder kwargs and, if it starts from weights, their
+    normalisation ({} when training from scratch: statistics of the data are used)."""
+    m = cfg.model
+    kwargs = {k: v for k, v in (("shortcut", m.shortcut), ("small_input", m.small_input)) if v is not None}
+    if m.drop_rate:
+        kwargs["drop_rate"] = m.drop_rate
+    model = create_model(m.name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if not m.pretrained:
+        return model, kwargs, {}
+    wf = read_weights_file(m.pretrained)        # the config's model.name is built; the file must fit it
+    load_weights(model, wf.state_dict, head="keep-matching", source=str(wf.path))
+    # A sidecar's statistics when they are per channel of this data; else ImageNet's (third-party
+    # weights were trained with them), averaged over RGB for other channel counts.
+    mean, std = (wf.mean, wf.std) if len(wf.mean) == in_chans else imagenet_stats(in_chans)
+    return model, kwargs, {"mean": mean, "std": std}
+
+
+def normalisation(pre: dict, bundle) -> tuple[list[float], list[float]]:
+    """The input mean/std: those of the weights (build_model's third value), else the data's."""
+    return (pre["mean"], pre["std"]) if pre.get("mean") else channel_stats(bundle)
+
+
+def init_from_data(model: nn.Module, bundle, mean, std, n: int = 5000) -> None:
+    """Data-dependent initialisation for models that define `init_from_data(images_u8 (N, C, H, W),
+    mean, std)` (e.g. airbench94's whitening conv), fed a strided sample of the training images."""
+    hook = getattr(model, "init_from_data", None)
+    sp = bundle.splits["train"]
+    if hook is None:
+        return
+    if sp.images is None:
+        say(f"  {type(model).__name__}.init_from_data skipped: streamed training data is not in memory")
+        return
+    idx = np.linspace(0, len(sp.labels) - 1, num=min(len(sp.labels), n)).astype(np.int64)
+    hook(torch.from_numpy(np.asarray(sp.images[idx])), mean, std)
+
+
+# ---------------------------------------------------------------- runtime and batches
+
+def start_runtime(cfg: RunConfig) -> Runtime:
+    """Seed every generator (train.seed, train.deterministic), then the device/precision runtime."""
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    return make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last, cfg.train.threads)
+
+
+def place_model(model: nn.Module, rt: Runtime) -> nn.Module:
+    """The model on the runtime's device, channels-last when the runtime uses it."""
+    return model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+
+
+def train_batches(cfg: RunConfig, bundle, rt: Runtime):
+    """Shuffled training batches of train.batch_size (the last partial batch dropped)."""
+    return make_batches(bundle, "train", rt.device, cfg.train.batch_size, train=True, workers=cfg.data.workers)
+
+
+def val_batches(cfg: RunConfig, bundle, rt: Runtime):
+    """Validation batches in order, or None when there is no validation split (data.val_fraction=0)."""
+    if not len(bundle.splits["val"].labels):
+        return None
+    return make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers)
+
+
+# ---------------------------------------------------------------- evaluation and records
+
+def evaluate_bundle(model: nn.Module, bundle, augment: Augmenter, rt: Runtime, splits, tta: bool,
+                    batch_size: int, workers: int = 2) -> dict:
+    """{split: classification metrics} of `model` on the named splits that hold images."""
+    out = {}
+    for s in splits:
+        if s not in bundle.splits or len(bundle.splits[s].labels) == 0:
+            continue
+        batches = make_batches(bundle, s, rt.device, batch_size, train=False, workers=workers)
+        views = f" (TTA x{len(augment.tta_view_names())})" if tta else ""
+        logits, labels = predict_logits(model, batches, augment, rt, tta=tta, desc=f"evaluating {s}{views}")
+        out[s] = classification_metrics(logits.numpy(), labels.numpy(), list(bundle.class_names))
+        out[s]["tta"] = tta
+        if tta:
+            out[s]["tta_views"] = augment.tta_view_names()
+    return out
+
+
+def tta_record(augment: Augmenter, source: str) -> dict:
+    """report.json's "tta": the views averaged and where their choice came from."""
+    a = augment.cfg
+    return {"views": augment.tta_view_names(), "from": source,
+            "aug": {"flip": a.flip, "translate": a.translate}}
+
+
+def write_run_files(run_dir: Path, cfg: RunConfig, manifest: dict, bundle) -> None:
+    """A run folder's config.yaml, config.json and splits.json (what resume and evaluate read back)."""
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    save_manifest(run_dir / "splits.json", manifest)
