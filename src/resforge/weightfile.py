@@ -97,8 +97,12 @@ def read_weights_file(source: str | Path, model_name: str | None = None) -> Weig
     kwargs, input_size = {}, None
     if arch is not None:
         kwargs = _builder_kwargs(arch, sd)
-        with torch.device("meta"):                # default input size without allocating weights
-            input_size = list(create_model(arch, in_chans=in_chans, **kwargs).default_cfg["input_size"])
+        try:
+            with torch.device("meta"):            # default input size without allocating weights
+                input_size = list(create_model(arch, in_chans=in_chans, **kwargs).default_cfg["input_size"])
+        except (TypeError, ValueError) as e:      # e.g. a plainN named for a file with projection shortcuts
+            raise WeightsError(f"{path}: its keys need {arch} built with {kwargs}, which it cannot be ({e}): "
+                               "pass the --model these weights are for") from None
     mean, std = imagenet_stats(in_chans)
     return WeightsFile(path, fmt, sd, meta, arch, kwargs, int(head.shape[0]) if head is not None else None,
                        in_chans, CIFAR10_CLASSES if fmt == "akamaster" else None, mean, std, input_size, True)
