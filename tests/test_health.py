@@ -58,8 +58,9 @@ def test_default_recipe_small_data_few_steps_converges_instead_of_blowing_up(tmp
 
 
 def test_forced_divergence_and_chance_are_reported_with_the_fix(tmp_path):
-    # digits at optim.lr=3 for one epoch: val_loss ~5e4 and test accuracy at the majority-class rate
-    out, report, run = _train(tmp_path, "--epochs", "1", "--lr", "3")
+    # digits at optim.lr=3 for one epoch: val_loss ~1e4 and accuracy at chance. BN recalibration is off:
+    # re-estimated statistics lift such a run to 14-17% on some thread counts, just above chance's 2 SE.
+    out, report, run = _train(tmp_path, "--epochs", "1", "--lr", "3", "train.bn_recalibrate=never")
     kinds = [w["kind"] for w in report["warnings"]]
     assert kinds == ["exploded", "chance"], report["warnings"]
     assert "val_loss" in out and "is over 10x ln(10): the learning rate is too high" in out    # at the epoch

@@ -337,19 +337,34 @@ def _recalibrate_final(final: nn.Module, train_batches, val_batches, augment: Au
     """recalibrate_bn on the weights fit returns and re-validate them. -> (what was done, or None
     when no BN layer runs in train mode; their metrics row; the checkpoint tags holding them)."""
     t0 = time.perf_counter()
+    trained = {k: v.clone() for k, v in final.state_dict().items() if _is_bn_buffer(k)}
     g = epoch_generator(cfg.seed, cfg.epochs, rt.device)   # its own fixed stream: a resumed run does the same
     n = recalibrate_bn(final, train_batches, augment, rt, max_images=BN_RECALIBRATE_IMAGES, generator=g)
     if n == 0:
         return None, {}, []
-    info = {"images": n, "steps": state.step, "mode": cfg.bn_recalibrate}
+    info = {"images": n, "steps": state.step, "mode": cfg.bn_recalibrate, "kept": True}
     epoch = state.best_epoch if restored else state.epoch
     row = dict(next((r for r in state.history if r["epoch"] == epoch), {"epoch": epoch}))
     if val_batches is not None:
         after = val_metrics(*predict_logits(final, val_batches, augment, rt))
         info["val_before"] = {k: row[k] for k in after if k in row}
         info["val_after"] = after
-        row |= after
+        before = info["val_before"].get(cfg.monitor)
+        # auto is a repair, not a gamble: with few images per BN layer (ResNet-18's 1x1 maps at 32 px,
+        # a few hundred images) the re-estimate can validate far worse (0.50 -> 0.06 measured); then the
+        # statistics the run trained with stay. `always` keeps the re-estimate whatever val says.
+        worse = before is not None and (not math.isfinite(after[cfg.monitor]) or _improved(cfg, before, after[cfg.monitor]))
+        if cfg.bn_recalibrate == "auto" and worse:
+            final.load_state_dict(trained, strict=False)
+            info["kept"] = False
+        else:
+            row |= after
     info["seconds"] = round(time.perf_counter() - t0, 3)
+    if not info["kept"]:
+        _log(f"{desc}BatchNorm statistics re-estimated on {n} un-augmented training images validated worse "
+             f"({cfg.monitor} {before:.4f} -> {after[cfg.monitor]:.4f}): kept the statistics of training "
+             f"(train.bn_recalibrate=always keeps the re-estimate)")
+        return info, row, []
     same = state.best_epoch == state.epoch                    # best and last hold the same weights
     tags = [t for t, ok in (("best", restored or same), ("last", not restored or same)) if ok]
     change = (f": val_acc {info['val_before'].get('val_acc', float('nan')):.4f} -> {info['val_after']['val_acc']:.4f}"
@@ -357,6 +372,10 @@ def _recalibrate_final(final: nn.Module, train_batches, val_batches, augment: Au
     _log(f"{desc}BatchNorm statistics recalibrated on {n} un-augmented training images "
          f"({info['seconds']:.1f}s, train.bn_recalibrate={cfg.bn_recalibrate}){change}")
     return info, {**row, "bn_recalibrated_images": n}, tags
+
+
+def _is_bn_buffer(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
 
 
 def _finite(row: dict) -> bool:
