@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 import resforge
+from resforge import ood
 from deploy_helpers import png_bytes, torch_one_thread  # noqa: F401
 from resforge.artifact import ArtifactError, load_state, read_manifest, validate_meta
 from resforge.backends import META_FILE, META_KEY, OnnxBackend, TorchScriptBackend, load_backend
@@ -57,6 +58,10 @@ def image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "a.png"
     path.write_bytes(png_bytes(100, (8, 8)))
     return path
+
+
+GOOD_OOD = {"score": "energy", "temperature": 1.0, "threshold": -4.2, "accept_rate": 0.95, "fitted_on": "val",
+            "n": 144}      # resforge.ood's record of a fitted threshold
 
 
 def _resign(folder: Path, edit) -> None:
@@ -126,6 +131,10 @@ CHECKPOINT_CASES = [
     ("unknown-model", _set("model.name", "evilnet"), "model.name"),
     ("newer-format", _set("format_version", 99), "format_version"),
     ("sidecar-not-an-object", lambda meta: meta.clear() or meta.update({"x": 1}), "format"),
+    ("ood-unknown-score", _set("ood", {**GOOD_OOD, "score": "mahalanobis"}), "ood.score"),
+    ("ood-threshold-nan", _set("ood", {**GOOD_OOD, "threshold": float("nan")}), "ood.threshold"),
+    ("ood-accept-rate-one", _set("ood", {**GOOD_OOD, "accept_rate": 1}), "ood.accept_rate"),
+    ("ood-not-an-object", _set("ood", [-4.2]), "ood"),
     ("nan-weights", None, "NaN"),
 ]
 
@@ -254,12 +263,14 @@ ONNX_CASES = [  # (id, how, field)
     ("onnx-not-json", dict(raw="{not json"), "not valid JSON"),
     ("onnx-no-meta", dict(raw=""), META_KEY),
     ("onnx-nan-weights", dict(nan_initializer=True), "holds NaN or inf"),
+    ("onnx-ood-threshold-inf", dict(edit=_set("ood", {**GOOD_OOD, "threshold": float("inf")})), "ood.threshold"),
 ]
 TS_CASES = [
     ("ts-short-class-names", _five_classes, "class_names"),
     ("ts-in-chans-vs-model", _onnx_three_channels, "input_size"),
     ("ts-mean-nan", _set("mean", [float("nan")]), "mean[0]"),
     ("ts-format-mismatch", _set("format", "onnx"), "format"),
+    ("ts-ood-temperature-zero", _set("ood", {**GOOD_OOD, "temperature": 0}), "ood.temperature"),
 ]
 
 
@@ -424,11 +435,12 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | s
                      max_leaves=12)
 _paths = ["model", "model.name", "model.num_classes", "model.in_chans", "model.kwargs", "class_names",
           "input_size", "mean", "std", "resize", "format", "format_version", "weights_sha256", "metrics",
-          "epoch", "output", "config", "preprocessing"]
+          "epoch", "output", "config", "preprocessing", "ood", "ood.score", "ood.threshold", "ood.accept_rate",
+          "ood.temperature", "ood.n"]
 
 
 def _sound(kind: str) -> dict:
-    meta = {**base_meta(), "format": "resforge-checkpoint" if kind == "checkpoint" else kind}
+    meta = {**base_meta(), "format": "resforge-checkpoint" if kind == "checkpoint" else kind, "ood": dict(GOOD_OOD)}
     if kind in ("onnx", "torchscript"):
         meta["output"] = {"name": "logits", "shape": ["batch", 10]}
     return meta
@@ -454,8 +466,13 @@ def test_validator_raises_only_its_own_error(kind, edits, whole):
         k = out["model"]["num_classes"]
         assert len(out["class_names"]) == k and len(out["mean"]) == len(out["std"]) == out["input_size"][0]
         assert all(math.isfinite(v) for v in out["mean"] + out["std"]) and min(out["std"]) > 0
+        if out.get("ood") is not None:       # predict --ood and serve compare a finite score with it
+            assert math.isfinite(out["ood"]["threshold"]) and 0 < out["ood"]["accept_rate"] < 1
+            assert np.isfinite(ood.score(np.zeros((1, k)), out["ood"])).all()
 
 
 def test_sound_metas_pass():
     for kind in ("checkpoint", "onnx", "torchscript", "weights"):
         assert validate_meta(_sound(kind), "m.json", kind)
+    lean = {**_sound("checkpoint"), "ood": {"score": "msp", "threshold": 0.3, "accept_rate": 0.9, "temperature": None}}
+    assert ood.score(np.zeros((1, 10)), validate_meta(lean, "m.json")["ood"]) == pytest.approx([math.log(10)])

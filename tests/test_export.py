@@ -105,6 +105,7 @@ def test_export_run_uses_its_own_data_and_embeds_metadata(run, tmp_path):
     meta = json.loads(props["resforge_meta"])
     assert meta["model"]["name"] == "resnet20" and meta["metrics"] == sidecar["metrics"]
     assert "config" not in meta                 # no local paths inside a shipped artifact
+    assert meta["ood"] == sidecar["ood"] and load_backend(result.path).meta["ood"] == sidecar["ood"]
 
     graph = onnx.load(str(result.path)).graph   # the batch axis is symbolic
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"

@@ -115,6 +115,21 @@ def test_linear_probe_trains_the_head_only_and_matches_its_report_row(resnet20, 
     assert a["trainable_params"] == 0
     assert abs(b["top1"] - c["top1"]) < 1e-9                  # the probe's head, evaluated in the model
     assert [p["name"] for p in run.phases] == ["probe"]
+    # 16 val images are too few for a 5% tail: no OOD threshold, and the report says why
+    assert "ood" not in run.meta and "only 16 validation images" in json.loads(
+        (run.dir / "report.json").read_text())["ood"]["why"]
+
+
+def test_the_ood_threshold_is_fitted_on_val_and_saved_with_the_weights(resnet20, tiny_npz, tmp_path, cache,
+                                                                       monkeypatch):
+    from resforge import ood
+    from resforge.checkpoint import read_meta
+    monkeypatch.setattr(ood, "MIN_FIT", 16)                   # the tiny set's 16 val images may fit one
+    run = _ft(resnet20, tiny_npz, tmp_path, cache, "linear-probe", "finetune.compare=false")
+    record = read_meta(run.dir / "weights" / "best.safetensors")["ood"]
+    assert record == run.meta["ood"] and record["n"] == 16 and record["fitted_on"] == "val"
+    # ceil(0.95 * 16) = 16: the threshold is the largest val score, so no val image is flagged
+    assert json.loads((run.dir / "report.json").read_text())["ood"]["flagged"]["val"] == 0.0
 
 
 def test_bitfit_trains_biases_and_bn_affine_only_with_frozen_statistics(resnet20, tiny_npz, tmp_path, cache, capsys):

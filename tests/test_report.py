@@ -147,3 +147,21 @@ def test_report_md_names_the_tta_views(tmp_path):
     assert "| TTA views |" in md and "3 (TTA)" in md
     assert "## Test-time augmentation" in md and "`shift(-1,-1)`" in md and "the run's aug config" in md
     assert json.loads((tmp_path / "report.json").read_text())["tta"]["views"] == m["tta_views"]
+
+
+def test_msp_calibration_section_and_reliability_diagram(tmp_path):
+    from resforge import ood
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(40, 3)) * 3, rng.integers(0, 3, size=40)
+    m = {**classification_metrics(logits, labels, NAMES), "calibration": ood.calibration(logits, labels)}
+    record = {**ood.fit(logits), "flagged": {"test": 0.25}}
+    jpath, mdpath = write_report(tmp_path, {"test": m}, meta=META, extra={"ood": record})
+    report = json.loads(jpath.read_text())
+    assert report["test"]["calibration"]["ece"] == report["test"]["ece"] and report["ood"]["flagged"] == {"test": 0.25}
+    md = mdpath.read_text()
+    assert "## MSP calibration" in md and "reliability_test.png" in md and "## Data notes" not in md
+    assert f"{record['threshold']:.4g}" in md and "Flagged here: test 25.00%" in md
+    _assert_png(tmp_path / "reliability_test.png")
+    _, mdpath = write_report(tmp_path / "none", {"test": m}, meta=META,
+                             extra={"ood": ood.summary(None, {})})
+    assert "No out-of-distribution threshold: it carries no OOD threshold (" in mdpath.read_text()

@@ -61,11 +61,29 @@ def test_predict_one_and_many(server, run, digits):
     assert [p["topk"][0]["label"] for p in preds] == _local_predictions(run, digits)
 
 
+def test_answers_carry_the_ood_flag_that_predict_gives(server, run, digits):
+    """The run's sidecar carries an OOD threshold (fitted on val): each answer says how familiar
+    the image is, as `resforge predict --ood` does."""
+    import resforge
+    _local_predictions(run, digits)                          # writes the files predict reads
+    local = resforge.predict(run, [run.parent / "digit-files" / name for name, _, _ in digits], ood=True,
+                             device="cpu")
+    files = [("file", (name, data, "image/png")) for name, data, _ in digits]
+    preds = requests.post(f"{server}/v1/predict?topk=1", files=files).json()["predictions"]
+    assert all(isinstance(p["ood"], bool) for p in preds)
+    assert [p["ood"] for p in preds] == [r["ood"] for r in local]
+    assert [p["ood_score"] for p in preds] == pytest.approx([r["ood_score"] for r in local], abs=1e-4)
+    schema = requests.get(f"{server}/openapi.json").json()["paths"]["/v1/predict"]["post"]["responses"]["200"]
+    item = schema["content"]["application/json"]["schema"]["properties"]["predictions"]["items"]
+    assert {"ood_score", "ood"} <= set(item["properties"])
+
+
 def test_model_info_health_and_page(server, run):
     info = requests.get(f"{server}/v1/model").json()
     sidecar = json.loads((run / "weights" / "best.json").read_text())
     assert info["architecture"] == "resnet20" and info["classes"] == sidecar["class_names"]
     assert info["input_size"] == [1, 8, 8] and info["metrics"] == sidecar["metrics"]
+    assert info["ood"] == sidecar["ood"] and info["ood"]["score"] == "msp"
     assert info["version"]["resforge"] and info["backend"] == "torch"
     assert info["limits"]["max_upload_bytes"] == MAX_UPLOAD and info["limits"]["max_pixels"] == MAX_PIXELS
     health = requests.get(f"{server}/healthz").json()

@@ -166,6 +166,7 @@ def validate_meta(meta: Any, source, kind: str = "checkpoint") -> dict:
     _validate_model(c, meta)
     _validate_preprocessing(c, meta, required_resize=kind in ("onnx", "torchscript"))
     _validate_extras(c, meta)
+    _validate_ood(c, meta)
     return meta
 
 
@@ -237,6 +238,28 @@ def _validate_extras(c: _Check, meta: dict) -> None:
     for k, v in c.obj(meta.get("metrics"), "metrics", optional=True).items():
         if v is not None and not isinstance(v, (str, int, float)):
             c.fail(f"metrics.{k}", f"must be a number, found {_show(v)}")
+
+
+def _validate_ood(c: _Check, meta: dict) -> None:
+    """The optional OOD threshold (resforge.ood): predict --ood and serve compare scores with it."""
+    from resforge.ood import SCORES
+
+    if meta.get("ood") is None:
+        return
+    o = c.obj(meta["ood"], "ood")
+    if o.get("score") not in SCORES:
+        c.fail("ood.score", f"is {_show(o.get('score'))}, not one of {', '.join(SCORES)}")
+    c.real(o.get("threshold"), "ood.threshold", -1e30, 1e30)
+    rate = c.real(o.get("accept_rate"), "ood.accept_rate", 0.0, 1.0)
+    if not 0 < rate < 1:
+        c.fail("ood.accept_rate", f"is {rate}, not strictly between 0 and 1")
+    if o.get("temperature") is not None:
+        if c.real(o["temperature"], "ood.temperature", 0.0, 1e6) <= 0:
+            c.fail("ood.temperature", "is 0, must be > 0")
+    if o.get("fitted_on") is not None:
+        c.text(o["fitted_on"], "ood.fitted_on", 64)
+    if o.get("n") is not None:
+        c.integer(o["n"], "ood.n", 1)
 
 
 def parse_meta_text(text: str | bytes, source, kind: str) -> dict:

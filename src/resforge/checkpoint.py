@@ -53,6 +53,28 @@ def save_checkpoint(stem: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     return stem.with_suffix(".safetensors")
 
 
+def add_to_sidecars(folder: Path, model: nn.Module, fields: dict[str, Any]) -> list[Path]:
+    """Merge `fields` into the sidecar of every checkpoint in `folder` whose tensors are exactly
+    `model`'s; -> the sidecars rewritten (atomically). The weights files, hence their sha256, stay
+    as they are. For what a run learns about its final weights after saving them (the OOD
+    threshold fitted on the final evaluation): 'best' is written during training, and with
+    train.restore_best=false or a BN recalibration the final model is 'best', 'last' or both, so
+    the tensors decide, not the tags."""
+    from safetensors.torch import load_file
+
+    if not fields:
+        return []
+    state, done = _plain_state(model), []
+    for weights in sorted(Path(folder).glob("*.safetensors")):
+        meta = read_meta(weights)                  # verified against its weights and validated
+        saved = load_file(weights) if meta else {}
+        if saved.keys() == state.keys() and all(torch.equal(saved[k], v) for k, v in state.items()):
+            atomic_write_text(weights.with_suffix(".json"),
+                              json.dumps({**meta, **fields}, indent=2, default=_json_default))
+            done.append(weights.with_suffix(".json"))
+    return done
+
+
 def _json_default(obj):
     if hasattr(obj, "tolist"):
         return obj.tolist()

@@ -3,7 +3,7 @@
     resforge train [--recipe NAME|FILE] [--data SRC] [--model NAME] [key=value ...]
     resforge train --resume runs/NAME
     resforge eval RUN_OR_WEIGHTS [--data SRC] [--model NAME] [--split test] [--tta]
-    resforge predict RUN_OR_WEIGHTS FILES_OR_FOLDERS... [--topk 5] [--out preds.csv] [--workers N]
+    resforge predict RUN_OR_WEIGHTS FILES_OR_FOLDERS... [--topk 5] [--out preds.csv] [--workers N] [--ood]
     resforge export RUN_OR_WEIGHTS [--format onnx|torchscript] [--out FILE] [--samples DIR]
     resforge serve RUN_OR_EXPORT [--host 127.0.0.1] [--port 8000] [--backend torch|onnx|torchscript]
     resforge models
@@ -121,7 +121,7 @@ def _predict(a) -> int:
     from resforge.training.device import select_device
     device = select_device(a.device)
     rows = predict(a.source, a.inputs, topk=a.topk, batch_size=a.batch_size, device=device,
-                   model_name=a.model, workers=a.workers, threads=a.threads)
+                   model_name=a.model, workers=a.workers, threads=a.threads, ood=a.ood)
     print(format_predictions(rows))
     if a.out:
         print(f"saved: {save_predictions(rows, a.out)}")
@@ -448,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=_count, default=None, help=THREADS_HELP)
     r.add_argument("--out", default=None, help="write predictions to .csv or .json (default: print only)")
     r.add_argument("--workers", type=_count, default=None, help="decoding threads (default: CPU cores, max 8)")
+    r.add_argument("--ood", action="store_true",
+                   help="flag images unlike the training data: adds the energy score and OOD yes/no per file "
+                        "(threshold fitted on the validation split; about 5%% of in-distribution images are flagged)")
     r.set_defaults(fn=_predict)
     _add_deploy(sub)
 

@@ -133,6 +133,9 @@ class TrainConfig:
 class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["val", "test"])  # splits scored after training
     tta: bool = False                 # average logits over the image and its mirror (+ shifts)
+    ood_score: str = "msp"            # out-of-distribution score whose threshold is fitted on val after training
+                                      # (predict --ood, serve): msp (-log max softmax probability) | energy | none
+    ood_accept_rate: float = 0.95     # fraction of val images that threshold accepts (~1 - false-alarm rate)
 
 
 @dataclass
@@ -395,6 +398,7 @@ CHOICES = {
     ("train", "bn_recalibrate"): ("auto", "always", "never"),
     ("finetune", "bn"): ("auto", "train", "freeze-stats", "freeze"),
     ("finetune", "head_init"): ("probe", "fresh"),
+    ("eval", "ood_score"): ("msp", "energy", "none"),
     ("finetune", "decay_unit"): ("stage", "block"),
     ("finetune", "class_weights"): ("none", "balanced"),
     ("model", "shortcut"): (None, "A", "B"),
@@ -412,6 +416,7 @@ _INF = math.inf
 RANGES = {
     "data.image_size": (1, MAX_IMAGE_SIZE, "[]"),
     "data.val_fraction": (0, 1, "[)"),
+    "eval.ood_accept_rate": (0, 1, "()"),
     "data.split_seed": (0, MAX_SEED, "[]"),
     "data.train_fraction": (0, 1, "(]"),
     "data.workers": (0, 256, "[]"),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from resforge import ood
 from resforge.checkpoint import load_for_inference
 from resforge.config import AugConfig, RunConfig, load_config
 from resforge.data import load_manifest, load_source, make_splits
@@ -72,13 +73,15 @@ def evaluate(source: str | Path, *, data: str | None = None, splits=("test",), t
     aug, aug_from = _eval_aug(run_cfg, meta, weights)
     augment = Augmenter(aug, meta["mean"], meta["std"], len(meta["class_names"]), tuple(meta["input_size"][1:]))
     t0 = time.perf_counter()
-    results = evaluate_bundle(m, bundle, augment, rt, splits, tta, batch_size)
+    kept = {}                                    # split -> plain logits: the OOD flag rates
+    results = evaluate_bundle(m, bundle, augment, rt, splits, tta, batch_size, keep_logits=kept)
     if not results:
         raise ValueError(f"none of the splits {list(splits)} exist in {bundle.name}: it has {list(bundle.splits)}")
     extra = {"weights": str(weights), "data": {"source": bundle.name, "splits": split_counts(bundle)},
              "eval_seconds": round(time.perf_counter() - t0, 2), "rejected": list(bundle.rejected)}
     if tta:
         extra["tta"] = tta_record(augment, aug_from)
+    extra["ood"] = ood.summary(meta.get("ood"), kept)
     out = _eval_out_dir(out_dir, run_dir, weights, bundle.name if data else None, splits, tta)
     write_report(out, results, meta=meta, extra=extra)
     if tta:
@@ -89,6 +92,7 @@ def evaluate(source: str | Path, *, data: str | None = None, splits=("test",), t
         top5 = f"  top5 {r['top5']:.4f}" if len(meta["class_names"]) > 5 else ""  # K <= 5: always 1
         say(f"{s}: top1 {r['top1']:.4f}{top5}  macro-F1 {r['macro']['f1']:.4f}  "
             f"ECE {r['ece']:.4f}  (n={r['n']}{', TTA' if tta else ''})")
+    say(ood.describe(extra["ood"]))
     say(f"report: {out / 'report.md'}" + (f" (the run's own report {run_dir / 'report.md'} is unchanged)"
                                           if run_dir is not None and out_dir is None else ""))
     return results

@@ -45,7 +45,8 @@ N_SAMPLES = 64         # 1 + 15 (parity batch) + 48 (held-out batch)
 ONNX_OPSET = 17
 # What a consumer needs to run the artifact; the full training config stays in the run folder.
 _META_KEYS = ("model", "class_names", "input_size", "mean", "std", "metrics", "epoch",
-              "resforge_version", "data", "split_hash", "source_format", "preprocessing")
+              "resforge_version", "data", "split_hash", "source_format", "preprocessing",
+              "ood")       # the OOD threshold: served exports flag unfamiliar images as the weights do
 
 
 class ExportError(ValueError):

@@ -21,6 +21,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from resforge.ood import NO_THRESHOLD, flagged, softmax
+from resforge.ood import score as ood_score
+
 log = logging.getLogger(__name__)
 
 _PROGRESS_MIN_FILES = 100  # below this a progress bar is just noise
@@ -38,6 +41,7 @@ def predict(
     workers: int | None = None,
     progress: bool | None = None,
     threads: int | None = None,
+    ood: bool = False,
 ) -> list[dict]:
     """Top-k predictions for every image file in `inputs` (files and folders, recursive).
 
@@ -49,6 +53,10 @@ def predict(
     decoding and resizing, so threads scale like processes without pickling images back).
     progress: show a progress bar (default: on a terminal, for 100+ files).
     threads: torch CPU threads for the model (default: auto, see training/device.choose_threads).
+    ood: also flag images unlike the training data: every row gets "ood_score" (the score the
+    model's meta["ood"] names, higher = less familiar) and "ood" (score above the threshold fitted
+    on the validation split, resforge.ood); a model without one is refused (ValueError) before
+    any file is read.
     """
     from resforge.checkpoint import load_for_inference  # lazy: keeps `import resforge.infer` light
     from resforge.training.device import apply_threads
@@ -61,14 +69,22 @@ def predict(
     apply_threads(threads)
     entries = _expand(inputs)
     model, meta = load_for_inference(source, model_name=model_name, device=str(device))
+    if ood and not meta.get("ood"):
+        raise ValueError(f"cannot flag out-of-distribution images with {source}: {NO_THRESHOLD}, "
+                         "or predict without --ood")
     rows = {p: _error_row(p, "file not found") for p, exists in entries if not exists}
     paths = [p for p, exists in entries if exists]
     # channels_last: the (B, H, W, C) uint8 batches already have that layout, and at batch 64
     # oneDNN convolutions ran 1.2x faster in it here (bench/inference_speed.py); same outputs.
     model = model.to(memory_format=torch.channels_last)
     batches = _run_batches(model, meta, paths, batch_size, device, workers=workers, progress=progress)
-    for path, probs, error in batches:
-        rows[path] = _error_row(path, error) if error is not None else _topk_row(path, probs, meta["class_names"], topk)
+    for path, logits, error in batches:
+        if error is not None:
+            rows[path] = _error_row(path, error, ood)
+        else:
+            rows[path] = _topk_row(path, softmax(logits[None])[0], meta["class_names"], topk)
+            if ood:
+                rows[path] |= _ood_cells(logits, meta["ood"])
     ordered = [rows[p] for p, _ in entries]
     _log_summary(ordered)
     if out is not None:
@@ -108,22 +124,28 @@ def _expand(inputs: list[str | Path]) -> list[tuple[str, bool]]:
 
 
 def format_predictions(rows: list[dict], *, max_path: int = 60) -> str:
-    """Readable fixed-width table: path, then "label prob%" for each of the top-k.  Control
-    characters in paths, labels and errors are shown escaped (a newline as \\n), one row a line."""
+    """Readable fixed-width table: path, then "label prob%" for each of the top-k, then (rows of
+    predict(ood=True)) "OOD" or "ok" with the OOD score.  Control characters in paths, labels
+    and errors are shown escaped (a newline as \\n), one row a line."""
     if not rows:
         return "no files"
     k = max(1, max((len(r["topk"]) for r in rows), default=0))  # >= 1 column even if all failed
-    head = ["path"] + [f"top{i + 1}" for i in range(k)]
-    body = [[_shorten(_printable(r["path"]), max_path)] + [_printable(c) for c in _topk_cells(r, k)] for r in rows]
+    with_ood = any("ood" in r for r in rows)
+    head = ["path"] + [f"top{i + 1}" for i in range(k)] + (["ood (score)"] if with_ood else [])
+    body = [[_shorten(_printable(r["path"]), max_path)] + [_printable(c) for c in _topk_cells(r, k)]
+            + ([_ood_cell(r)] if with_ood else []) for r in rows]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
     n_err = sum(r["error"] is not None for r in rows)
-    lines.append(f"{len(rows)} files, {n_err} errors")
+    n_ood = sum(bool(r.get("ood")) for r in rows)
+    lines.append(f"{len(rows)} files, {n_err} errors" + (f", {n_ood} flagged out-of-distribution (OOD)"
+                                                          if with_ood else ""))
     return "\n".join(lines)
 
 
 def save_predictions(rows: list[dict], path: str | Path) -> Path:
-    """Save rows as .csv (path, top1_label, top1_prob, top2_label, top2_prob, ..., error) or .json.
+    """Save rows as .csv (path, top1_label, top1_prob, top2_label, top2_prob, ..., [ood_score, ood,]
+    error) or .json.
     CSV cells that a spreadsheet would run as a formula (starting with = + - @ tab or CR) get a
     leading ' (OWASP's CSV-injection advice); the JSON keeps every value as it is."""
     path = Path(path)
@@ -176,18 +198,18 @@ def _submit(pool: ThreadPoolExecutor, prep: "Preprocess", batch: list[str]) -> l
 
 
 def _infer(model, prep: "Preprocess", batch: list[str], decoded: list, device: torch.device) -> Iterator:
-    """decoded[i] is an (H, W, C) uint8 array or an error string."""
+    """decoded[i] is an (H, W, C) uint8 array or an error string; yields (path, logits (K,), error)."""
     ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-    probs = _softmax_batch(model, prep, [decoded[i] for i in ok], device) if ok else None
+    logits = _logits_batch(model, prep, [decoded[i] for i in ok], device) if ok else None
     row_of = {i: j for j, i in enumerate(ok)}
     for i, path in enumerate(batch):
         if i in row_of:
-            yield path, probs[row_of[i]], None
+            yield path, logits[row_of[i]], None
         else:
             yield path, None, decoded[i]
 
 
-def _softmax_batch(model, prep: "Preprocess", arrays: list[np.ndarray], device: torch.device) -> np.ndarray:
+def _logits_batch(model, prep: "Preprocess", arrays: list[np.ndarray], device: torch.device) -> np.ndarray:
     # Ship uint8 (4x smaller than float) and convert on the device; match the model's dtype.
     dtype = next(model.parameters(), torch.empty(0)).dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
@@ -195,7 +217,7 @@ def _softmax_batch(model, prep: "Preprocess", arrays: list[np.ndarray], device: 
     x = prep.normalise(x.permute(0, 3, 1, 2).float()).to(dtype)  # -> (B, C, H, W)
     with torch.inference_mode():
         logits = model(x)
-    return torch.softmax(logits.float(), dim=1).cpu().numpy()  # (B, K)
+    return logits.float().cpu().numpy()  # (B, K)
 
 
 class Preprocess:
@@ -274,8 +296,13 @@ def _topk_row(path: str, probs: np.ndarray, class_names: list[str], topk: int) -
             "error": None}
 
 
-def _error_row(path: str, error: str) -> dict:
-    return {"path": path, "topk": [], "error": error}
+def _error_row(path: str, error: str, ood: bool = False) -> dict:
+    return {"path": path, "topk": [], "error": error, **({"ood_score": None, "ood": None} if ood else {})}
+
+
+def _ood_cells(logits: np.ndarray, record: dict) -> dict:
+    score = ood_score(logits[None], record)
+    return {"ood_score": float(score[0]), "ood": bool(flagged(score, record)[0])}
 
 
 def _log_summary(rows: list[dict]) -> None:
@@ -291,6 +318,12 @@ def _topk_cells(row: dict, k: int) -> list[str]:
     else:
         cells = [f"{t['label']} {100 * t['prob']:.1f}%" for t in row["topk"]]
     return cells + [""] * (k - len(cells))
+
+
+def _ood_cell(row: dict) -> str:
+    if row.get("ood") is None:
+        return ""
+    return f"{'OOD' if row['ood'] else 'ok'} {row['ood_score']:.3g}"
 
 
 def _shorten(text: str, limit: int) -> str:
@@ -323,11 +356,15 @@ def _rows_to_csv(rows: list[dict]) -> str:
     # RFC 4180 line ends: with "\n" alone the writer leaves a CR inside a cell unquoted, and readers
     # then split that row in two.
     writer = csv.writer(buf, lineterminator="\r\n")
-    writer.writerow(head + ["error"])
+    with_ood = any("ood" in r for r in rows)                # predict(ood=True): ood_score, ood columns
+    writer.writerow(head + (["ood_score", "ood"] if with_ood else []) + ["error"])
     for r in rows:
         cells = []
         for t in r["topk"]:
             cells += [_csv_cell(t["label"]), f"{t['prob']:.6f}"]
         cells += [""] * (2 * k - len(cells))
+        if with_ood:
+            flag = r.get("ood")
+            cells += ["" if flag is None else f"{r['ood_score']:.6f}", "" if flag is None else str(flag).lower()]
         writer.writerow([_csv_cell(r["path"]), *cells, _csv_cell(r["error"] or "")])
     return buf.getvalue()

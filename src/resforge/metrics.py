@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
+from resforge.ood import ece, reliability  # one binning for ECE and the reliability diagram
+
 _EPS = 1e-12  # floor for probabilities before log, so a confident miss costs ~27.6 nats, not inf
 
 
@@ -60,13 +62,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, *, n_bins:
     Sum over bins of |accuracy - mean confidence| weighted by the bin's share of samples.
     Bins are (lo, hi]; a confidence of exactly 0 lands in the first bin.
     """
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
-    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-    conf_sum = np.bincount(bins, weights=conf, minlength=n_bins)
-    acc_sum = np.bincount(bins, weights=correct, minlength=n_bins)
-    # |sum(acc) - sum(conf)| / N per bin == share * |mean acc - mean conf|; empty bins add 0.
-    return float(np.abs(acc_sum - conf_sum).sum() / len(labels))
+    return ece(reliability(probs.max(axis=1), probs.argmax(axis=1) == labels, n_bins))
 
 
 def _prf(y: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict:

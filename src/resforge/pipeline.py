@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from resforge import ood
 from resforge.atomic import atomic_write_text
 from resforge.config import RunConfig
 from resforge.data import load_manifest, load_source, make_splits, save_manifest, subset
@@ -146,8 +147,10 @@ def val_batches(cfg: RunConfig, bundle, rt: Runtime):
 # ---------------------------------------------------------------- evaluation and records
 
 def evaluate_bundle(model: nn.Module, bundle, augment: Augmenter, rt: Runtime, splits, tta: bool,
-                    batch_size: int, workers: int = 2) -> dict:
-    """{split: classification metrics} of `model` on the named splits that hold images."""
+                    batch_size: int, workers: int = 2, keep_logits: dict | None = None) -> dict:
+    """{split: classification metrics and MSP calibration} of `model` on the named splits that hold
+    images; keep_logits, if given, gets {split: (N, K) logits} unless tta (for the OOD threshold:
+    predict and serve score single views)."""
     out = {}
     for s in splits:
         if s not in bundle.splits or len(bundle.splits[s].labels) == 0:
@@ -157,6 +160,9 @@ def evaluate_bundle(model: nn.Module, bundle, augment: Augmenter, rt: Runtime, s
         logits, labels = predict_logits(model, batches, augment, rt, tta=tta, desc=f"evaluating {s}{views}")
         out[s] = classification_metrics(logits.numpy(), labels.numpy(), list(bundle.class_names))
         out[s]["tta"] = tta
+        out[s]["calibration"] = ood.calibration(logits, labels)
+        if keep_logits is not None and not tta:
+            keep_logits[s] = logits
         if tta:
             out[s]["tta_views"] = augment.tta_view_names()
     return out

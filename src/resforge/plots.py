@@ -1,4 +1,5 @@
-"""Figures written to PNG without pyplot: training curves (results.png) and confusion matrices.
+"""Figures written to PNG without pyplot: training curves (results.png), confusion matrices and
+reliability diagrams.
 
 Each figure is a standalone `matplotlib.figure.Figure` on an Agg canvas, so nothing touches
 pyplot's global figure registry and plotting is safe from worker threads and headless servers.
@@ -70,6 +71,28 @@ def plot_confusion(cm, class_names: list[str], out_png: Path, title: str = "conf
     if k <= 20:
         _annotate_counts(ax, cm, norm)
     ax.set_title(title)
+    return _save(fig, out_png)
+
+
+def plot_reliability(bins: list[dict], out_png: Path, title: str = "reliability") -> Path:
+    """Reliability diagram of ood.reliability() bins: accuracy per confidence bin against the
+    diagonal (perfect calibration; bars below it are overconfident), and the share of images
+    per bin underneath."""
+    lo = np.array([b["lo"] for b in bins])
+    width = np.array([b["hi"] - b["lo"] for b in bins])
+    count = np.array([b["count"] for b in bins], dtype=float)
+    acc = np.array([b["accuracy"] if b["count"] else 0.0 for b in bins])
+    conf = np.array([b["confidence"] if b["count"] else np.nan for b in bins])
+    fig = _new_figure(1, 1, cell=(4.6, 5.2))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    top.bar(lo, acc, width=width, align="edge", edgecolor="black", linewidth=0.5, label="accuracy")
+    top.plot(lo + width / 2, conf, "_", color="tab:red", markersize=10, markeredgewidth=2,
+             label="mean confidence of the bin")
+    top.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
+    top.set(ylim=(0, 1), ylabel="accuracy", title=title)
+    top.legend(loc="upper left", fontsize="small", framealpha=0.9)
+    bottom.bar(lo, count / max(count.sum(), 1.0), width=width, align="edge", color="tab:grey")
+    bottom.set(xlim=(0, 1), xlabel="confidence (max softmax probability)", ylabel="share")
     return _save(fig, out_png)
 
 

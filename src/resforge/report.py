@@ -1,10 +1,14 @@
-"""Evaluation report files: report.json, report.md, confusion_<split>.csv / .png.
+"""Evaluation report files: report.json, report.md, confusion_<split>.csv / .png, reliability_<split>.png.
 
 report.json layout (one object per evaluated split, next to run-level fields):
     {"resforge_version": "0.1.0", "model": {...}, "class_names": [...], "splits": ["val", "test"],
      ...extra (e.g. "rejected", "data"),
-     "val": {"n", "top1", "top5", "macro", "per_class", "confusion", "ece", "nll", ...},
-     "test": {...}}
+     "val": {"n", "top1", "top5", "macro", "per_class", "confusion", "ece", "nll",
+             "calibration": {"ece", "mean_confidence", "accuracy", "n_bins", "bins": [{"lo", "hi",
+                             "count", "confidence", "accuracy"}]}, ...},
+     "test": {...},
+     "ood": {"score", "threshold", "accept_rate", "fitted_on", "n", "flagged": {split: fraction}}
+            or {"threshold": null, "why": ...}}      (resforge.ood)
 Writing into a folder that already has a report for the same model and classes merges: new
 splits replace same-named ones and the others are kept, so `evaluate` can add splits later.
 """
@@ -20,7 +24,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from resforge.plots import plot_confusion
+from resforge.ood import DESCRIBED
+from resforge.plots import plot_confusion, plot_reliability
 from resforge.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,9 @@ def write_report(
     report = _merge(_load_json(out_dir / "report.json"), new)
     for split, metrics in results.items():
         _write_confusion(out_dir, split, metrics, class_names)
+        if isinstance(metrics.get("calibration"), dict):
+            plot_reliability(metrics["calibration"]["bins"], out_dir / f"reliability_{_file_part(split)}.png",
+                             f"{split}: MSP reliability, ECE {metrics['calibration']['ece']:.2%}")
     json_path = _atomic_write_text(out_dir / "report.json", json.dumps(_jsonable(report), indent=2, allow_nan=False))
     md_path = _atomic_write_text(out_dir / "report.md", render_markdown(report))
     return json_path, md_path
@@ -60,6 +68,8 @@ def render_markdown(report: dict) -> str:
     """Readable report.md from a report.json-shaped dict."""
     splits = report.get("splits", [])
     parts = [_md_header(report), _md_summary(report, splits)]
+    if any(isinstance(report[s].get("calibration"), dict) for s in splits) or isinstance(report.get("ood"), dict):
+        parts.append(_md_calibration(report, splits))
     if isinstance(report.get("tta"), dict):
         parts.append(_md_tta(report["tta"]))
     parts += [_md_per_class(split, report[split]) for split in splits if report[split].get("per_class")]
@@ -67,7 +77,7 @@ def render_markdown(report: dict) -> str:
         parts.insert(1, _md_warnings(report["warnings"]))      # first thing read after the header
     if report.get("rejected"):
         parts.append(_md_rejected(report["rejected"]))
-    notes = {k: v for k, v in report.items() if k not in (*_RESERVED, *splits, "rejected", "tta", "warnings")}
+    notes = {k: v for k, v in report.items() if k not in (*_RESERVED, *splits, "rejected", "tta", "warnings", "ood")}
     if notes:
         parts.append(_md_notes(notes))
     return "\n\n".join(parts) + "\n"
@@ -144,7 +154,7 @@ def _write_confusion(out_dir: Path, split: str, metrics: dict, class_names: list
     cm = metrics.get("confusion")
     if cm is None:
         return
-    stem = "confusion_" + re.sub(r"[^\w.-]", "_", split)  # split names become file names
+    stem = "confusion_" + _file_part(split)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["true\\pred", *class_names])
@@ -154,6 +164,11 @@ def _write_confusion(out_dir: Path, split: str, metrics: dict, class_names: list
     if isinstance(metrics.get("top1"), (int, float)):
         title += f", top-1 {metrics['top1']:.2%}"
     plot_confusion(cm, class_names, out_dir / f"{stem}.png", title)
+
+
+def _file_part(split: str) -> str:
+    """A split name as part of a file name."""
+    return re.sub(r"[^\w.-]", "_", split)
 
 
 def _atomic_write_text(path: Path, text: str) -> Path:
@@ -213,6 +228,35 @@ def _md_per_class(split: str, m: dict) -> str:
             a = m[avg]
             rows.append([f"*{avg} avg*", _pct(a["precision"]), _pct(a["recall"]), _pct(a["f1"]), str(m.get("n", ""))])
     return f"## Per-class: {split}\n\n" + _md_table(head, rows)
+
+
+def _md_calibration(report: dict, splits: list[str]) -> str:
+    """MSP calibration per split (resforge.ood) and the OOD threshold with its flag rates."""
+    rows = []
+    for s in splits:
+        c = report[s].get("calibration")
+        if isinstance(c, dict):
+            gap = c["mean_confidence"] - c["accuracy"]
+            rows.append([s, str(report[s].get("n", "")), _pct(c["accuracy"]), _pct(c["mean_confidence"]),
+                         f"{100 * gap:+.2f} pt", _pct(c["ece"]), f"reliability_{_file_part(s)}.png"])
+    lines = ["## MSP calibration", "",
+             "Confidence = the maximum softmax probability; ECE = the mean |accuracy - confidence| over "
+             f"{report[splits[0]].get('calibration', {}).get('n_bins', 15) if splits else 15} equal-width "
+             "confidence bins, weighted by their share of images. Confidence above accuracy: overconfident.", ""]
+    if rows:
+        lines += [_md_table(["split", "n", "accuracy", "mean confidence", "confidence - accuracy", "ECE",
+                             "reliability diagram"], rows), ""]
+    o = report.get("ood")
+    if isinstance(o, dict) and o.get("threshold") is not None:
+        flagged = ", ".join(f"{s} {_pct(v)}" for s, v in (o.get("flagged") or {}).items())
+        what = DESCRIBED.get(o.get("score"))
+        lines.append(f"Out-of-distribution flag (`resforge predict --ood`, serve): an image is flagged when its "
+                     f"{what or o.get('score')} is above {o['threshold']:.4g}, the threshold that accepts "
+                     f"{_pct(o.get('accept_rate'))} of the {o.get('n', '?')} images of the {o.get('fitted_on', '?')} "
+                     f"split." + (f" Flagged here: {flagged}." if flagged else ""))
+    elif isinstance(o, dict):
+        lines.append(f"No out-of-distribution threshold: {o.get('why', 'not fitted')}.")
+    return "\n".join(lines).rstrip()
 
 
 def _md_tta(tta: dict) -> str:

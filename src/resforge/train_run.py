@@ -17,7 +17,8 @@ from pathlib import Path
 from torch import nn
 
 from resforge import __version__
-from resforge.checkpoint import save_checkpoint, save_state
+from resforge import ood
+from resforge.checkpoint import add_to_sidecars, save_checkpoint, save_state
 from resforge.config import RunConfig, load_config
 from resforge.data.augment import Augmenter
 from resforge.pipeline import (build_model, evaluate_bundle, init_from_data, normalisation, place_model,
@@ -86,10 +87,11 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     try:
         result = fit(model, tb, vb, augment, rt, cfg.optim, cfg.train, checkpointer=_checkpointer(run_dir, meta),
                      resume=snap, metrics_log=MetricsLog(run_dir / "metrics.csv"), train_eval_batches=teb)
+        kept = {}                    # split -> plain logits, for the OOD threshold (ood.py)
         results = evaluate_bundle(result.model, bundle, augment, rt, cfg.eval.splits, cfg.eval.tta,
-                                  cfg.train.eval_batch_size, cfg.data.workers)
+                                  cfg.train.eval_batch_size, cfg.data.workers, keep_logits=kept)
         if is_main_process():
-            _finish_run(run_dir, meta, results, bundle, result, cfg, augment)
+            _finish_run(run_dir, meta, results, bundle, result, cfg, augment, kept)
     except KeyboardInterrupt:
         if is_main_process():      # the last completed epoch is saved: say how to go on from it
             print(f"\ninterrupted; to continue this run: resforge train --resume {shlex.quote(str(run_dir))}",
@@ -120,8 +122,15 @@ def _fit_budget(cfg: RunConfig, model: nn.Module, tb, eval_batches: list, augmen
 
 
 def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cfg: RunConfig,
-                augment: Augmenter) -> None:
-    """report.md/report.json (results, health warnings, TTA record) and results.png of a finished run."""
+                augment: Augmenter, kept: dict) -> None:
+    """The OOD threshold into the sidecars; report.md/report.json (results, health warnings, TTA and
+    OOD records) and results.png of a finished run."""
+    # The threshold is fitted on the final model's val logits, which exist only now; 'best' was
+    # saved during training, so its sidecar (and 'last''s, if it holds the same tensors) is rewritten.
+    record = ood.fit_on_val(kept, cfg.eval.ood_score, cfg.eval.ood_accept_rate)
+    if ood.fitted(record):
+        meta["ood"] = record
+        add_to_sidecars(run_dir / "weights", fit_result.model, {"ood": record})
     extra = {"rejected": list(bundle.rejected), "train_seconds": round(fit_result.train_seconds, 2),
              "timed_epochs": fit_result.state.timed_epochs,     # < epochs_run: resumed from an untimed state
              "best_epoch": fit_result.state.best_epoch, "epochs_run": fit_result.state.epoch,
@@ -131,6 +140,8 @@ def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cf
         extra["bn_recalibration"] = fit_result.bn_recalibration
     if cfg.eval.tta:
         extra["tta"] = tta_record(augment, "the run's aug config")
+    extra["ood"] = ood.summary(record, kept)
+    say(ood.describe(extra["ood"]))
     extra["warnings"] = diagnose(fit_result.state.history, len(bundle.class_names), results,
                                  data=cfg.data.source, lr=cfg.optim.lr)
     if extra["warnings"]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from resforge import ood
 from resforge.config import RunConfig
 from resforge.finetune import policies as P
 from resforge.finetune.probe import PrototypeHead, probe_logits
@@ -74,13 +75,17 @@ def finetune(source: str | Path, *, data: str | None = None, policy: str | None 
     log, t_all = MetricsLog(run_dir / "metrics.csv"), time.perf_counter()
     rows, phases_done, head_seconds, compare_seconds = _before_rows(s, log)
     model, fit_seconds = _run_phases(s, log, phases_done)
-    results = _evaluate(s, model)
+    kept = {}                                     # split -> plain logits, for the OOD threshold
+    results = _evaluate(s, model, kept)
     total = fit_seconds + head_seconds
     trainable = max(p["trainable"] for p in phases_done) if phases_done else 0
     rows.append(comparison_row("c", f"policy {cfg.finetune.policy}", results["test"], train_seconds=total,
                                trainable_params=trainable, class_names=names, baseline=rows[0] if rows else None))
     meta = _meta(s, cfg, results, sum(p.get("epochs_run", 0) for p in phases_done))
-    _save(run_dir, model, meta, rows, results, s, phases_done, time.perf_counter() - t_all, compare_seconds)
+    record = ood.fit_on_val(kept, cfg.eval.ood_score, cfg.eval.ood_accept_rate)   # saved with the weights
+    meta |= {"ood": record} if ood.fitted(record) else {}
+    _save(run_dir, model, meta, rows, results, s, phases_done, time.perf_counter() - t_all, compare_seconds,
+          ood_summary=ood.summary(record, kept))
     return FinetuneRun(run_dir, cfg, model, meta, results, rows, phases_done, total)
 
 
@@ -184,10 +189,10 @@ def _phase_info(ph, result, counts: dict, frozen_checked: int, seconds: float, m
             "lr_scale": {k: round(v, 6) for k, v in ph.lr_scale.items()}}
 
 
-def _evaluate(s: Setup, model: nn.Module) -> dict:
+def _evaluate(s: Setup, model: nn.Module, kept: dict) -> dict:
     splits = list(dict.fromkeys([*s.cfg.eval.splits, "test"]))
     return evaluate_bundle(model, s.bundle, s.augment, s.rt, splits, s.cfg.eval.tta,
-                           s.cfg.train.eval_batch_size, s.cfg.data.workers)
+                           s.cfg.train.eval_batch_size, s.cfg.data.workers, keep_logits=kept)
 
 
 def _run_name(s: Setup, cfg: RunConfig) -> str:
@@ -212,7 +217,7 @@ def _meta(s: Setup, cfg: RunConfig, results: dict, epochs: int) -> dict:
 
 
 def _save(run_dir: Path, model, meta: dict, rows: list[dict], results: dict, s: Setup,
-          phases: list[dict], wall: float, compare_seconds: float = 0.0) -> None:
+          phases: list[dict], wall: float, compare_seconds: float = 0.0, ood_summary: dict | None = None) -> None:
     from resforge.checkpoint import save_checkpoint
     from resforge.plots import plot_training_curves
     if not is_main_process():
@@ -225,6 +230,8 @@ def _save(run_dir: Path, model, meta: dict, rows: list[dict], results: dict, s: 
                           "bn_resolved": s.bn, "phases": phases, "compare": s.cfg.finetune.compare,
                           "comparison_seconds": round(compare_seconds, 3),
                           "input_size": list(s.augment.out_hw), "notes": s.notes}}
+    if ood_summary is not None:
+        extra["ood"] = ood_summary
     from resforge.training.health import diagnose, format_warnings, history_from_csv
     extra["warnings"] = diagnose(history_from_csv(run_dir / "metrics.csv"), len(s.bundle.class_names), results,
                                  data=s.cfg.data.source, lr=s.cfg.optim.lr)

@@ -1,7 +1,9 @@
 """The FastAPI application: routes, JSON errors, and the model behind a micro-batcher.
 
-    POST /v1/predict?topk=5   multipart/form-data, one or more image files (any field name)
-    GET  /v1/model            architecture, classes, input size, versions, metrics, limits
+    POST /v1/predict?topk=5   multipart/form-data, one or more image files (any field name); each answer
+                              has the top-k classes and, if the model carries an OOD threshold (resforge.ood),
+                              ood_score and ood (true: unlike the training data)
+    GET  /v1/model            architecture, classes, input size, versions, metrics, limits, OOD threshold
     GET  /healthz             liveness + batching and memory statistics
     GET  /                    a page to drop an image on and see the top-k classes as bars
 
@@ -28,7 +30,7 @@ from importlib import resources
 
 import numpy as np
 
-from resforge import __version__
+from resforge import __version__, ood
 from resforge.backends import missing_extra
 from resforge.serve.batcher import MicroBatcher, Overloaded
 from resforge.serve.uploads import ApiError, BodyLimit, decode_files, error_body
@@ -50,7 +52,23 @@ DEFAULTS = {"max_batch": 32, "max_wait_ms": 5.0, "max_upload_bytes": 20_000_000,
 PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
     "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                            "description": "one or more images (JPEG, PNG, GIF, TIFF, WebP, BMP, PNM)"}}}}}}}
+                            "description": "one or more images (JPEG, PNG, GIF, TIFF, WebP, BMP, PNM)"}}}}}},
+    "responses": {"200": {"description": "the top-k classes of every image, in upload order", "content": {
+        "application/json": {"schema": {"type": "object", "required": ["model", "predictions"], "properties": {
+            "model": {"type": "string", "description": "architecture"},
+            "predictions": {"type": "array", "items": {
+                "type": "object", "required": ["filename", "topk"], "properties": {
+                    "filename": {"type": "string"},
+                    "topk": {"type": "array", "items": {"type": "object", "properties": {
+                        "label": {"type": "string"}, "index": {"type": "integer"},
+                        "prob": {"type": "number", "minimum": 0, "maximum": 1}}}},
+                    "ood_score": {"type": "number", "description": (
+                        "only when the model carries an OOD threshold (GET /v1/model: ood): the score "
+                        "ood.score names, msp = -log(max softmax probability) or energy = "
+                        "-logsumexp(logits); higher = less like the training data")},
+                    "ood": {"type": "boolean", "description": (
+                        "only with ood_score: true when ood_score is above the threshold fitted on the "
+                        "validation split (about 5% of in-distribution images are flagged by design)")}}}}}}}}}}}
 
 
 class ArtifactRejected(ValueError):
@@ -142,7 +160,8 @@ class _State:
                 "std": m["std"], "resize": m.get("resize", "shorter-center-crop"),
                 "backend": self.model.name, "version": {"resforge": __version__,
                                                         "checkpoint": m.get("resforge_version")},
-                "epoch": m.get("epoch"), "metrics": m.get("metrics", {}), "limits": self.limits}
+                "epoch": m.get("epoch"), "metrics": m.get("metrics", {}), "limits": self.limits,
+                "ood": m.get("ood")}           # the OOD threshold predictions are flagged with, or null
 
     async def decode(self, files: list[tuple[str, bytes]]) -> list[np.ndarray]:
         """decode_files in a decode thread, once one of max_decodes slots is free; 503 after
@@ -190,10 +209,15 @@ def _add_routes(app, state: _State) -> None:
             logits = await state.batcher.submit(list(x))
         except Overloaded as e:
             raise ApiError(503, f"server busy: {e}; retry shortly") from None
-        probs = _softmax(np.stack(logits))                      # (n, K)
-        return {"model": state.model.meta["model"]["name"],
-                "predictions": [{"filename": name, "topk": _topk(p, state.model.meta["class_names"], topk)}
-                                for (name, _), p in zip(files, probs)]}
+        logits = np.stack(logits)                                # (n, K)
+        preds = [{"filename": name, "topk": _topk(p, state.model.meta["class_names"], topk)}
+                 for (name, _), p in zip(files, _softmax(logits))]
+        record = state.model.meta.get("ood")
+        if record:                                               # the model carries an OOD threshold
+            scores = ood.score(logits, record)
+            for p, s, flag in zip(preds, scores, ood.flagged(scores, record)):
+                p["ood_score"], p["ood"] = float(s), bool(flag)
+        return {"model": state.model.meta["model"]["name"], "predictions": preds}
 
 
 async def _read_files(request, max_files: int) -> list[tuple[str, bytes]]:
