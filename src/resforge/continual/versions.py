@@ -295,6 +295,12 @@ def resolve_model(model: str | Path) -> tuple[Path, Version | None]:
 
 # ---------------------------------------------------------------- writing
 
+def next_number(run: str | Path) -> int:
+    """The number the next version of `run` will get (what write_version assigns, barring a race)."""
+    numbers = version_numbers(run)
+    return numbers[-1] + 1 if numbers else 1
+
+
 def sweep_stale(run: str | Path) -> list[Path]:
     """Remove temporary version folders a killed update left (RUN/versions/.vN.tmp-*)."""
     root, gone = versions_dir(run), []
@@ -451,6 +457,8 @@ def _report_accuracy(run: Path, names: list[str]) -> dict:
         return {}
     per = test.get("per_class") if isinstance(test.get("per_class"), list) else []
     recall = {r.get("name"): r.get("recall") for r in per if isinstance(r, dict)}
+    support = {r.get("name"): r.get("support") for r in per if isinstance(r, dict)}
     per_class = {c: float(recall[c]) for c in names if isinstance(recall.get(c), (int, float))}
     n = test.get("n") if isinstance(test.get("n"), int) else 0
-    return {"d1": {"top1": float(test["top1"]), "n": n, "per_class": per_class}}
+    return {"d1": {"top1": float(test["top1"]), "n": n, "per_class": per_class,
+                   "support": {c: int(support[c]) for c in per_class if isinstance(support.get(c), int)}}}
