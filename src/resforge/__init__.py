@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # Every public name loads on first use, so `import resforge` (and `resforge --help`, which
 # needs only __version__) does not pay torch's ~1-10 s import.
 _LAZY = {"train": "resforge.api", "evaluate": "resforge.api", "predict": "resforge.api",
-         "scan": "resforge.api", "load_config": "resforge.api",
+         "scan": "resforge.api", "load_config": "resforge.api", "update": "resforge.api", "versions": "resforge.api",
          "create_model": "resforge.models", "list_models": "resforge.models", "model_info": "resforge.models"}
 
 __all__ = ["__version__", *_LAZY]

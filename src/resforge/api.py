@@ -7,6 +7,8 @@
     degradation(depths=(20, 56), seeds=(0,), ...) -> dict
     finetune(source, data=..., policy=..., ...) -> FinetuneRun    (resforge.finetune)
     lr_find(source=None, data=..., policy=..., ...) -> dict       (resforge.finetune)
+    update(model, data, method=..., ...) -> UpdateRun              (resforge.continual)
+    versions(run) -> str                                           (resforge.continual)
 """
 from __future__ import annotations
 
@@ -432,3 +434,18 @@ def lr_find(source=None, **kwargs) -> dict:
     """Learning-rate range test (plot + suggested rate); see resforge.finetune.lrfind.lr_find."""
     from resforge.finetune.lrfind import lr_find as _lr_find
     return _lr_find(source, **kwargs)
+
+
+# ---------------------------------------------------------------- continual learning
+
+def update(model, data=None, **kwargs):
+    """Update a model version on new data (a new version under RUN/versions/); see
+    resforge.continual.update.update."""
+    from resforge.continual.update import update as _update
+    return _update(model, data, **kwargs)
+
+
+def versions(run) -> str:
+    """The lineage of a run's model versions as a table; see resforge.continual.update.versions_table."""
+    from resforge.continual.update import versions_table
+    return versions_table(run)
