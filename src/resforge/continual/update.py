@@ -113,18 +113,41 @@ def _check_new_data(bundle, cfg: RunConfig, meta: dict, source: str) -> None:
     if len(train) == 0:
         raise UpdateDataError(f"the new data {source} has no training images: an update needs labelled images of "
                               "every class it brings")
-    counts = np.bincount(train, minlength=len(bundle.class_names))
-    few = [(bundle.class_names[i], int(n)) for i, n in enumerate(counts) if n < cfg.continual.min_per_class]
+    few = _few(bundle, "train", cfg.continual.min_per_class)
     if few:
-        shown = ", ".join(f"{c!r} ({n})" for c, n in few[:5])
-        raise UpdateDataError(f"the new data {source} has fewer than continual.min_per_class="
-                              f"{cfg.continual.min_per_class} training images in {len(few)} class(es): {shown}; add "
-                              "images, drop those classes, or (for a few labelled examples) use `resforge fewshot`")
+        _refuse_few(cfg, few)
     want = tuple(meta["input_size"])
     have = (bundle.channels, *bundle.image_size)
     if have != want:
         raise UpdateDataError(f"the new data {source} is {have[0]}x{have[1]}x{have[2]} but the model takes "
                               f"{want[0]}x{want[1]}x{want[2]}: set data.image_size / data.channels to match")
+
+
+def _few(bundle, split: str, least: int) -> list[tuple[str, int]]:
+    labels = bundle.splits[split].labels if split in bundle.splits else np.zeros(0, np.int64)
+    counts = np.bincount(labels, minlength=len(bundle.class_names))
+    return [(bundle.class_names[i], int(n)) for i, n in enumerate(counts) if n < least]
+
+
+def _explain_tiny(cfg: RunConfig) -> None:
+    """After the new data failed to split: UpdateDataError if a class has too few training images."""
+    from resforge.data.sources import load_source
+    d = cfg.data
+    try:
+        raw = load_source(d.source, image_size=d.image_size, channels=d.channels, cache_dir=d.cache_dir,
+                          data_root=d.data_root)
+    except ValueError:
+        return
+    few = _few(raw, "train", cfg.continual.min_per_class)
+    if few or "train" not in raw.splits:
+        _refuse_few(cfg, few)
+
+
+def _refuse_few(cfg: RunConfig, few: list[tuple[str, int]]) -> None:
+    shown = ", ".join(f"{c!r} ({n})" for c, n in few[:5]) or "all (no training split)"
+    raise UpdateDataError(f"the new data {cfg.data.source} has fewer than continual.min_per_class="
+                          f"{cfg.continual.min_per_class} training images in {len(few) or 'every'} class(es): {shown}; "
+                          "add images, drop those classes, or (for a few labelled examples) use `resforge fewshot`")
 
 
 def _load_old(parent: V.Version, cfg: RunConfig) -> tuple[dict, dict]:
@@ -246,7 +269,11 @@ def update(model: str | Path, data: str | None = None, *, method: str | None = N
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     rt = make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last, cfg.train.threads)
     net, _ = load_for_inference(parent.weights, device=rt.device)
-    bundle, manifest = prepare_data(cfg)
+    try:
+        bundle, manifest = prepare_data(cfg)
+    except ValueError:
+        _explain_tiny(cfg)              # too few images to split: say that, not how splitting failed
+        raise
     _check_new_data(bundle, cfg, meta, cfg.data.source)
     rec = H.reconcile(parent.class_names, list(bundle.class_names), rename_map, merge_map)
     names, k_old = rec.class_names, len(parent.class_names)
