@@ -69,7 +69,7 @@ def load_state(path: Path) -> dict:
     return artifact.load_state(path)
 
 
-_AT_VERSION = re.compile(r"(.+)@(v[1-9][0-9]{0,5}|latest)")
+_AT_VERSION = re.compile(r"(.+)@(v[1-9][0-9]{0,5}|latest)")       # RUN@v3, RUN@latest
 
 
 def version_folder(source: str | Path) -> Path | None:

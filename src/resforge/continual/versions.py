@@ -275,8 +275,12 @@ def version_path(model: str | Path) -> Path | None:
 
 def resolve_model(model: str | Path) -> tuple[Path, Version | None]:
     """A MODEL argument -> (run folder, version). A run folder gives its latest version, or None
-    when it has none yet (the caller registers the run as v1: register_root); RUN@vN and
-    RUN/versions/vN give that version."""
+    when it has none yet (the caller registers the run as v1: register_root; so does RUN@v1 or
+    RUN@latest of such a run); RUN@vN and RUN/versions/vN give that version."""
+    from resforge.checkpoint import _AT_VERSION
+    m = _AT_VERSION.fullmatch(str(model))
+    if m and m.group(2) in ("v1", "latest") and not version_numbers(m.group(1)) and run_weights(m.group(1)):
+        return Path(m.group(1)), None          # RUN@v1 of a run not registered yet: the run itself is v1
     folder = version_path(model)
     if folder is not None:
         return folder.parent.parent, load_version(folder)
@@ -287,9 +291,9 @@ def resolve_model(model: str | Path) -> tuple[Path, Version | None]:
     numbers = version_numbers(run)
     if numbers:
         return run, load_version(versions_dir(run) / f"v{numbers[-1]}")
-    if not (run / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{run} has no {WEIGHTS.as_posix()}: pass the folder of a finished resforge "
-                                "run (or one of its versions)")
+    if run_weights(run) is None:
+        raise FileNotFoundError(f"{run} has no weights/best.safetensors or weights/last.safetensors: pass the "
+                                "folder of a finished resforge run (or one of its versions)")
     return run, None
 
 
@@ -387,9 +391,19 @@ def _fsync_dir(path: Path) -> None:
 
 # ---------------------------------------------------------------- the root version (the run itself)
 
+def run_weights(run: str | Path) -> Path | None:
+    """The weights of a training run: weights/best.safetensors, else weights/last.safetensors (a
+    run without validation keeps only its last epoch); None when it has neither."""
+    for tag in ("best", "last"):
+        p = Path(run) / "weights" / f"{tag}.safetensors"
+        if p.is_file():
+            return p
+    return None
+
+
 def root_lineage(run: str | Path) -> str:
     """The lineage id of a run: the sha256 of its weights file (as its sidecar records it)."""
-    w = Path(run) / WEIGHTS
+    w = run_weights(run)
     sidecar = w.with_suffix(".json")
     try:
         sha = json.loads(sidecar.read_text()).get("weights_sha256")
@@ -407,7 +421,9 @@ def register_root(run: str | Path, *, accuracy: dict | None = None, metrics: dic
     if version_numbers(run):
         return load_version(versions_dir(run) / f"v{version_numbers(run)[0]}")
     from resforge.checkpoint import read_meta
-    weights = run / WEIGHTS
+    weights = run_weights(run)
+    if weights is None:
+        raise VersionError(f"{run} has no weights/best.safetensors or weights/last.safetensors to register as v1")
     meta = read_meta(weights)               # verifies the pair (sha256) and every sidecar field
     if not meta:
         raise VersionError(f"{weights} has no resforge sidecar: only resforge runs can be versioned")
