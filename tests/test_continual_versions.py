@@ -79,6 +79,8 @@ def test_hand_edited_or_damaged_version_is_refused_naming_the_file(tmp_path):
     (v2.dir / "version.json").write_text(json.dumps(rec))
     with pytest.raises(V.VersionError, match="edited by hand"):
         V.load_version(v2.dir)
+    from resforge.continual.update import versions_table
+    assert "v2: DAMAGED, not usable:" in versions_table(run) and "v1       -" in versions_table(run)
     (v2.dir / "version.json").write_text("{not json")
     with pytest.raises(V.VersionError, match="not readable JSON"):
         V.load_version(v2.dir)

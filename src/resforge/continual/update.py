@@ -403,9 +403,17 @@ def _data_records(parent: V.Version, tmp: Path, cfg: RunConfig, bundle, manifest
 
 def versions_table(run: str | Path) -> str:
     """The `resforge versions RUN` listing: one line per version, oldest first."""
-    vs = V.list_versions(run)
-    if not vs:
+    numbers = V.version_numbers(run)
+    if not numbers:
+        if not Path(run).is_dir():
+            raise FileNotFoundError(f"{run}: no such run folder")
         return f"{run} has no versions yet: `resforge update {run} --data NEW` makes v2 (and registers the run as v1)"
+    vs, damaged = [], []
+    for n in numbers:
+        try:
+            vs.append(V.load_version(V.versions_dir(run) / f"v{n}"))
+        except V.VersionError as e:               # listed, not hidden: the others stay usable
+            damaged.append(f"v{n}: DAMAGED, not usable: {e}")
     rows = [("version", "parent", "method", "classes", "images seen", "top1", "old", "new", "forgetting", "date")]
     for v in vs:
         m, meth = v.record["metrics"], v.record["method"]
@@ -415,8 +423,10 @@ def versions_table(run: str | Path) -> str:
                      _pct(m.get("new_top1")), _pct(m.get("forgetting")), v.record["created"].replace("T", " ")[:16]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.append(f"lineage {vs[0].lineage[:12]}; weights of a version: {Path(run) / 'versions' / 'vN'} (or {run}@vN) "
-                 "for eval, predict, export and serve")
+    lines += damaged
+    if vs:
+        lines.append(f"lineage {vs[0].lineage[:12]}; weights of a version: {Path(run) / 'versions' / 'vN'} "
+                     f"(or {run}@vN) for eval, predict, export and serve")
     return "\n".join(lines)
 
 
