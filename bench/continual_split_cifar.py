@@ -40,7 +40,7 @@ from resforge.continual.update import update
 from resforge.data import load_source
 
 TASKS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
-METHODS = ["naive", "replay", "lwf", "derpp", "derpp+align", "replay+align"]
+METHODS = ["naive", "replay", "lwf", "derpp", "derpp+align"]
 ANCHORS = {"naive": "19.62", "replay@200": "44.79", "replay@500": "57.74", "derpp@200": "64.88",
            "derpp@500": "72.70", "joint": "92.20"}
 # One recipe for every task and method: airbench94 (the fastest resforge net on CPU) with its
@@ -114,27 +114,37 @@ def write_domain(paths: dict, out: Path) -> Path:
 
 # ---------------------------------------------------------------- timing and plan
 
-def plan(paths: dict, out: Path, budget_s: float, seeds: int, configs: list[tuple[str, int]]) -> dict:
-    """Time one epoch of task 1 (10 k images) and an update epoch, then pick epochs per task so the
-    whole benchmark fits `budget_s`. Cost model per seed: task 1 once, 4 updates per config (x2 images
-    per step for buffer methods, x1.3 for lwf's teacher), joint on 50 k images; plus evaluation."""
+TIMING_PER_CLASS = 500          # images per class of the timing runs (1,000 per task)
+
+
+def plan(archive: Path, out: Path, budget_s: float, seeds: int, configs: list[tuple[str, int]]) -> dict:
+    """Time one epoch of task 1 and one derpp update epoch on 1,000-image tasks, then size the
+    benchmark to `budget_s`: as many epochs per task as fit on the full tasks (10,000 training
+    images each), else 1 epoch on the largest per-class subset that fits. Cost model per seed:
+    task 1 once, 4 updates per config (naive ~0.55x and lwf ~0.7x a buffer method's step cost:
+    no replayed half-batch), joint on 5 tasks' images; seconds per image measured, so start-up
+    and evaluation are counted too (conservative: they do not grow with the images)."""
+    small = write_tasks(archive, out / "data-timing", TIMING_PER_CLASS, 200)
     t0 = time.perf_counter()
-    r = resforge.train(RECIPE, [f"data.source={paths['task1']}", "train.epochs=1", f"train.project={out / 'timing'}",
+    r = resforge.train(RECIPE, [f"data.source={small['task1']}", "train.epochs=1", f"train.project={out / 'timing'}",
                                 *COMMON])
-    one = time.perf_counter() - t0                         # includes start-up and evaluation: conservative
-    n1 = 10_000
+    task1 = time.perf_counter() - t0
     t0 = time.perf_counter()
-    update(r.dir, paths["task2"], method="derpp", overrides=["train.epochs=1", *COMMON[:1]], buffer_size=200)
+    update(r.dir, small["task2"], method="derpp", overrides=["train.epochs=1", *COMMON[:1]], buffer_size=200)
     upd = time.perf_counter() - t0
-    per_epoch = one / n1                                   # seconds per training image, task 1
-    upd_img = upd / n1                                     # seconds per new image for a buffer method
+    n = 2 * TIMING_PER_CLASS
     factor = {"naive": 0.55, "lwf": 0.7, "replay": 1.0, "derpp": 1.0}
-    cost1 = seeds * (n1 * per_epoch                              # task 1 per seed
-                     + sum(4 * n1 * upd_img * factor[m.split("+")[0]] for m, _ in configs)
-                     + 5 * n1 * per_epoch)                        # joint: 50 k images
-    epochs = max(1, int(budget_s // cost1))
-    return {"seconds_task1_epoch": round(one, 1), "seconds_update_epoch_derpp": round(upd, 1),
-            "epochs": epochs, "estimated_minutes": round(epochs * cost1 / 60, 1), "budget_minutes": budget_s / 60}
+    per_image_epoch = seeds * (task1 / n * 6                              # task 1 + joint (5 tasks)
+                               + sum(4 * upd / n * factor[m.split("+")[0]] for m, _ in configs))
+    full = 10_000
+    epochs = int(budget_s // (per_image_epoch * full))
+    per_class = 5000
+    if epochs < 1:
+        epochs, per_class = 1, max(100, int(budget_s / per_image_epoch / 2) // 100 * 100)
+    return {"seconds_task1_epoch_1k": round(task1, 1), "seconds_update_epoch_1k_derpp": round(upd, 1),
+            "epochs": epochs, "per_class_train": min(per_class, 5000),
+            "estimated_minutes": round(epochs * per_image_epoch * 2 * min(per_class, 5000) / 60, 1),
+            "budget_minutes": budget_s / 60}
 
 
 # ---------------------------------------------------------------- runs
@@ -224,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--epochs", default="auto", help="epochs per task, or auto: what fits --budget-min")
     p.add_argument("--budget-min", type=float, default=60.0)
+    p.add_argument("--per-class", type=int, default=None,
+                   help="training images per class and task (default: all 5,000, or what fits the budget)")
     p.add_argument("--plan", action="store_true", help="time, print the plan and stop")
     p.add_argument("--smoke", action="store_true",
                    help="proves it runs: tiny subsets, 1 epoch, 1 seed, naive/replay/derpp+align, buffer 200 (~1.5 min)")
@@ -231,35 +243,40 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out) / ("smoke" if a.smoke else "full")
     os.environ.setdefault("RESFORGE_THREADS", str(os.cpu_count() or 1))
-    paths = write_tasks(Path(a.data), out / "data", 60 if a.smoke else None, 30 if a.smoke else None)
     buffers = [200] if a.smoke else [int(b) for b in a.buffers.split(",")]
     methods = ["naive", "replay", "derpp+align"] if a.smoke else a.methods.split(",")
     configs = [(m, b) for m in methods for b in (buffers if m.split("+")[0] in ("replay", "derpp") else [0])]
     configs = [(m, b if b else 200) for m, b in configs]   # naive/lwf keep a buffer too (200), unused in training
     seeds = list(range(1 if a.smoke else a.seeds))
+    per_class = 60 if a.smoke else a.per_class
     if a.smoke:
         epochs = 1
     elif a.epochs == "auto" or a.plan:
-        pl = plan(paths, out, a.budget_min * 60, len(seeds), configs)
-        print(f"plan: airbench94 ({RECIPE}), {pl['epochs']} epoch(s) per task, {len(seeds)} seeds, "
-              f"{len(configs)} method/buffer configs + joint; task-1 epoch {pl['seconds_task1_epoch']} s, derpp "
-              f"update epoch {pl['seconds_update_epoch_derpp']} s -> about {pl['estimated_minutes']} min "
+        pl = plan(Path(a.data), out, a.budget_min * 60, len(seeds), configs)
+        print(f"plan: airbench94 ({RECIPE}), {pl['epochs']} epoch(s) per task on {pl['per_class_train']} training "
+              f"images per class, {len(seeds)} seeds, {len(configs)} method/buffer configs + joint; measured on "
+              f"1,000-image tasks: task-1 epoch {pl['seconds_task1_epoch_1k']} s, derpp update epoch "
+              f"{pl['seconds_update_epoch_1k_derpp']} s -> about {pl['estimated_minutes']} min "
               f"(budget {pl['budget_minutes']:.0f} min)", flush=True)
         if a.plan:
             return 0
         epochs = pl["epochs"] if a.epochs == "auto" else int(a.epochs)
+        per_class = per_class or pl["per_class_train"]
     else:
         epochs = int(a.epochs)
+    per_class = per_class or 5000
+    paths = write_tasks(Path(a.data), out / f"data-{per_class}", per_class, 30 if a.smoke else None)
     t0 = time.perf_counter()
     if a.domain:
-        res = run_domain(paths, write_domain(paths, out / "data"), out, epochs, seeds, configs)
+        res = run_domain(paths, write_domain(paths, paths["all"].parent), out, epochs, seeds, configs)
         text = domain_table(res)
     else:
         res = run_split(paths, out, epochs, seeds, configs, joint=True)
         text = table(res)
     minutes = (time.perf_counter() - t0) / 60
     head = (f"{'Domain shift (clean CIFAR-10 -> corrupted)' if a.domain else 'Split CIFAR-10, class-incremental'}: "
-            f"airbench94, {epochs} epoch(s) per task, seeds {seeds}, {minutes:.1f} min on {os.cpu_count()} cores"
+            f"airbench94, {epochs} epoch(s) per task on {per_class} training images per class, seeds {seeds}, "
+            f"{minutes:.1f} min on {os.cpu_count()} cores"
             f"{' (SMOKE: 60 train / 30 test images per class)' if a.smoke else ''}")
     print(head + "\n" + text)
     (out / ("domain.json" if a.domain else "results.json")).write_text(json.dumps(

@@ -369,11 +369,11 @@ def _add_continual(sub) -> None:
     u.add_argument("model", metavar="MODEL", help="run folder (its latest version), RUN@vN or RUN/versions/vN")
     u.add_argument("--data", required=True, help="the new data: folder, .npz, cifar10, ... (required)")
     u.add_argument("--method", default=None, choices=["naive", "replay", "lwf", "derpp"],
-                   help="how old knowledge is kept (default: continual.method, derpp)")
+                   help="how old knowledge is kept (default: the parent's continual.method; derpp on a run's first update)")
     u.add_argument("--align", action="store_true",
                    help="weight aligning after training: rescale the new classes' head rows (default: off)")
     u.add_argument("--buffer", type=int, default=None, metavar="N",
-                   help="replay buffer size in images (default: continual.buffer_size, 500)")
+                   help="replay buffer size in images (default: the parent's continual.buffer_size; 500 at first)")
     u.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
                    help="rename a class of the model (repeatable) (default: none)")
     u.add_argument("--merge", action="append", default=[], metavar="DATA=MODEL",
