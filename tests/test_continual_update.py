@@ -211,3 +211,30 @@ def test_eval_predict_export_and_serve_take_a_version(world, tmp_path):
     from resforge.serve.app import create_app
     assert create_app(ref, threads=1) is not None
     V.load_version(v.dir)                       # evaluating, predicting and exporting changed none of its files
+
+
+def test_old_data_that_is_gone_is_named_and_the_rest_still_evaluated(world, tmp_path, capsys):
+    run, first = world["run"], world["a"]
+    moved = tmp_path / "away.npz"
+    first.rename(moved)
+    try:
+        r = U.update(f"{run}@v1", world["b"], method="lwf", overrides=FAST, buffer_size=20)
+        assert "d1" in r.report["unavailable"] and "could not be loaded" in r.report["unavailable"]["d1"]
+        assert r.report["old_top1"] is None and r.report["new_top1"] is not None
+        assert r.report["verdict"].startswith("UNKNOWN whether the update hurt the old data")
+        assert main(["update", f"{run}@v1", "--data", str(world["b"]), "--method", "derpp", *FAST]) == 2
+        assert "has no replay buffer and its training data cannot be loaded" in capsys.readouterr().err
+    finally:
+        moved.rename(first)
+
+
+def test_a_class_without_training_images_is_refused(world, tmp_path, capsys):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = np.round(d.images * 255 / 16).astype(np.uint8)
+    five, six = x[d.target == 5], x[d.target == 6]
+    np.savez(tmp_path / "gap.npz", train_images=five[:20], train_labels=np.zeros(20, np.int64),
+             test_images=np.concatenate([five[20:30], six[:10]]), test_labels=np.repeat([0, 1], 10),
+             class_names=np.array(["5", "6"]))
+    assert main(["update", str(world["run"]), "--data", str(tmp_path / "gap.npz"), *FAST]) == 2
+    assert "'6' (0)" in capsys.readouterr().err

@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="list every config key with its type, default and meaning")
     c.add_argument("--section", default=None, help="only this section: data, model, aug, optim, train, eval, "
-                                                   "finetune (default: all)")
+                                                   "finetune, continual (default: all)")
     c.set_defaults(fn=_config)
 
     d = sub.add_parser("data", help="data tools")

@@ -402,7 +402,9 @@ def _data_records(parent: V.Version, tmp: Path, cfg: RunConfig, bundle, manifest
 
 
 def versions_table(run: str | Path) -> str:
-    """The `resforge versions RUN` listing: one line per version, oldest first."""
+    """The `resforge versions RUN` listing: one line per version, oldest first (RUN@vN or
+    RUN/versions/vN list the run they belong to)."""
+    run = V.split_model_arg(run)[0]
     numbers = V.version_numbers(run)
     if not numbers:
         if not Path(run).is_dir():
