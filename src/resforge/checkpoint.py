@@ -69,13 +69,13 @@ def load_state(path: Path) -> dict:
     return artifact.load_state(path)
 
 
-_AT_VERSION = re.compile(r"(.+)@(v[1-9][0-9]{0,5}|latest)")       # RUN@v3, RUN@latest
+VERSION_REF = re.compile(r"(.+)@(v[1-9][0-9]{0,5}|latest)")       # RUN@v3, RUN@latest
 
 
 def version_folder(source: str | Path) -> Path | None:
     """RUN@vN -> RUN/versions/vN, RUN@latest -> the run's newest version (continual/versions.py
     lays them out); None when `source` is not of that form (or is an existing path)."""
-    m = _AT_VERSION.fullmatch(str(source))
+    m = VERSION_REF.fullmatch(str(source))
     if m is None or Path(source).exists():
         return None
     run, tag = Path(m.group(1)), m.group(2)

@@ -244,12 +244,18 @@ def chain(version: Version) -> list[Version]:
     return out[::-1]
 
 
+def _version_ref():
+    """(the RUN@vN pattern, version_folder): the weights resolver owns both, since eval/predict/
+    export/serve read versions through it."""
+    from resforge.checkpoint import VERSION_REF, version_folder   # weightfile: re-point to resforge.weightfile at merge
+    return VERSION_REF, version_folder
+
+
 def split_model_arg(model: str | Path) -> tuple[Path, int | None]:
     """'RUN@v3' / 'RUN@latest' / 'RUN/versions/v3' -> (RUN, 3 or the newest number); anything
     else -> (path, None)."""
-    from resforge.checkpoint import version_folder
     try:
-        folder = version_folder(model)
+        folder = _version_ref()[1](model)
     except FileNotFoundError as e:
         raise VersionError(str(e)) from None
     p = folder or Path(model)
@@ -277,8 +283,7 @@ def resolve_model(model: str | Path) -> tuple[Path, Version | None]:
     """A MODEL argument -> (run folder, version). A run folder gives its latest version, or None
     when it has none yet (the caller registers the run as v1: register_root; so does RUN@v1 or
     RUN@latest of such a run); RUN@vN and RUN/versions/vN give that version."""
-    from resforge.checkpoint import _AT_VERSION
-    m = _AT_VERSION.fullmatch(str(model))
+    m = _version_ref()[0].fullmatch(str(model))
     if m and m.group(2) in ("v1", "latest") and not version_numbers(m.group(1)) and run_weights(m.group(1)):
         return Path(m.group(1)), None          # RUN@v1 of a run not registered yet: the run itself is v1
     folder = version_path(model)
