@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 # needs only __version__) does not pay torch's ~1-10 s import.
 # Each name maps to the module that defines it (resforge.api is the same set as a façade).
 _LAZY = {"train": "resforge.train_run", "evaluate": "resforge.evaluation", "predict": "resforge.infer",
-         "scan": "resforge.data", "load_config": "resforge.config",
+         "scan": "resforge.data", "load_config": "resforge.config", "update": "resforge.continual.update",
+         "versions": "resforge.api",
          "create_model": "resforge.models", "list_models": "resforge.models", "model_info": "resforge.models"}
 
 __all__ = ["__version__", *_LAZY]

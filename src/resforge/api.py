@@ -7,6 +7,8 @@
     degradation(depths=(20, 56), seeds=(0,), ...) -> dict                (experiments/degradation.py)
     finetune(source, data=..., policy=..., ...) -> FinetuneRun           (finetune/run.py)
     lr_find(source=None, data=..., policy=..., ...) -> dict              (finetune/lrfind.py)
+    update(model, data, method=..., ...) -> UpdateRun                    (continual/update.py)
+    versions(run) -> str                                                 (continual/update.py)
 
 A façade only: the functions live in the modules named, which compose pipeline.py (config ->
 data -> model -> runtime -> batches). Nothing inside resforge imports this module but cli.py,
@@ -15,6 +17,7 @@ so it can import everything without an import circle.
 from __future__ import annotations
 
 from resforge.config import load_config
+from resforge.continual.update import UpdateRun, update, versions_table
 from resforge.data import scan
 from resforge.evaluation import evaluate
 from resforge.experiments.degradation import report_degradation, run_degradation
@@ -24,7 +27,7 @@ from resforge.infer import predict
 from resforge.train_run import TrainRun, train
 
 __all__ = ["train", "TrainRun", "evaluate", "predict", "scan", "load_config", "degradation",
-           "degradation_report", "finetune", "FinetuneRun", "lr_find"]
+           "degradation_report", "finetune", "FinetuneRun", "lr_find", "update", "UpdateRun", "versions"]
 
 
 def degradation(depths=(20, 56), seeds=(0,), **kwargs) -> dict:
@@ -37,3 +40,8 @@ def degradation_report(depths=(20, 56), seeds=(0,), **kwargs) -> dict:
     """Redraw the degradation experiment's figures and table from its runs as they stand, training
     nothing (unfinished runs drawn up to their last epoch); see report_degradation."""
     return report_degradation(depths, seeds, **kwargs)
+
+
+def versions(run) -> str:
+    """The lineage of a run's model versions as a table; see resforge.continual.update.versions_table."""
+    return versions_table(run)

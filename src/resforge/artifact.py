@@ -227,7 +227,7 @@ def _validate_preprocessing(c: _Check, meta: dict, required_resize: bool) -> Non
 
 def _validate_extras(c: _Check, meta: dict) -> None:
     """Provenance fields: not used for computing, but shown and passed on, so typed."""
-    for key in ("config", "data", "finetune", "input", "preprocessing"):
+    for key in ("config", "data", "finetune", "continual", "input", "preprocessing"):
         if key in meta:
             c.obj(meta[key], key)
     for key in ("split_hash", "source_format", "resforge_version", "exported_by"):

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 

@@ -12,6 +12,9 @@
     resforge config [--section train]
     resforge finetune --from RUN_OR_WEIGHTS --data SRC [--policy POLICY] [--recipe R] [key=value ...]
     resforge lr-find [--from RUN_OR_WEIGHTS] [--data SRC] [--policy POLICY] [key=value ...]
+    resforge update MODEL --data NEW [--method naive|replay|lwf|derpp] [--align] [--buffer N]
+                    [--rename OLD=NEW] [--merge DATA=MODEL] [key=value ...]
+    resforge versions RUN
     resforge experiment degradation [--depths 20,56] [--epochs N] [--seeds S] [--jobs N] [--report] [key=value ...]
 
 Failures expected in use (a bad option or value, a missing or unreadable file, a full disk) are
@@ -335,6 +338,59 @@ def _serve(a) -> int:
     return 0
 
 
+UPDATE_SHORTCUTS = {"epochs": "train.epochs", "lr": "optim.lr", "batch_size": "train.batch_size",
+                    "device": "train.device", "seed": "train.seed", "threads": "train.threads",
+                    "selection": "continual.selection", "class_names": "data.class_names"}
+
+
+def _update(a) -> int:
+    from resforge import api
+    overrides = [f"{UPDATE_SHORTCUTS[k]}={v}" for k, v in vars(a).items()
+                 if k in UPDATE_SHORTCUTS and v is not None] + a.overrides
+    api.update(a.model, a.data, method=a.method, overrides=overrides, rename=a.rename, merge=a.merge,
+               buffer_size=a.buffer, align=True if a.align else None, buffer_file=a.replay_buffer,
+               data_root=a.data_root)
+    return 0
+
+
+def _versions(a) -> int:
+    from resforge import api
+    print(api.versions(a.run))
+    return 0
+
+
+def _add_continual(sub) -> None:
+    u = sub.add_parser("update", help="update a model on new data without forgetting; writes a new model version",
+                       description="Fine-tune the latest version of a run (or RUN@vN) on new data: new classes grow "
+                                   "the head, the same classes under a new distribution work the same way. Writes "
+                                   "RUN/versions/v(N+1) (weights, replay buffer, data manifests, report with old/new "
+                                   "accuracy and forgetting); the parent is never changed. Any config key can be "
+                                   "set as key=value (continual.alpha=0.1, train.epochs=5, ...).")
+    u.add_argument("model", metavar="MODEL", help="run folder (its latest version), RUN@vN or RUN/versions/vN")
+    u.add_argument("--data", required=True, help="the new data: folder, .npz, cifar10, ... (required)")
+    u.add_argument("--method", default=None, choices=["naive", "replay", "lwf", "derpp"],
+                   help="how old knowledge is kept (default: the parent's continual.method; derpp on a run's first update)")
+    u.add_argument("--align", action="store_true",
+                   help="weight aligning after training: rescale the new classes' head rows (default: off)")
+    u.add_argument("--buffer", type=int, default=None, metavar="N",
+                   help="replay buffer size in images (default: the parent's continual.buffer_size; 500 at first)")
+    u.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                   help="rename a class of the model (repeatable) (default: none)")
+    u.add_argument("--merge", action="append", default=[], metavar="DATA=MODEL",
+                   help="the data's class DATA is the model's class MODEL (repeatable) (default: none)")
+    u.add_argument("--replay-buffer", default=None, metavar="FILE",
+                   help="start from this buffer file (same lineage) instead of the parent's (default: the parent's)")
+    u.add_argument("--data-root", default=None, help="folder holding named sources (default: RESFORGE_DATA)")
+    for k in UPDATE_SHORTCUTS:
+        u.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None,
+                       help=f"= {UPDATE_SHORTCUTS[k]} (default: the parent's; see `resforge config`)")
+    u.add_argument("overrides", nargs="*", metavar="key=value")
+    u.set_defaults(fn=_update)
+    v = sub.add_parser("versions", help="list the model versions of a run with their metrics")
+    v.add_argument("run", metavar="RUN", help="run folder")
+    v.set_defaults(fn=_versions)
+
+
 def _add_deploy(sub) -> None:
     x = sub.add_parser("export", help="export to ONNX or TorchScript (parity-checked against PyTorch)")
     x.add_argument("source", help="run folder, resforge checkpoint or weights file")
@@ -462,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="list every config key with its type, default and meaning")
     c.add_argument("--section", default=None, help="only this section: data, model, aug, optim, train, eval, "
-                                                   "finetune (default: all)")
+                                                   "finetune, continual (default: all)")
     c.set_defaults(fn=_config)
 
     d = sub.add_parser("data", help="data tools")
@@ -476,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_scan)
     _add_experiment(sub)
     _add_finetune(sub)
+    _add_continual(sub)
     _add_cache(sub)
     return p
 
@@ -529,7 +586,14 @@ def explain(exc: BaseException, args=None) -> tuple[int, str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `update MODEL --data NEW key=value`: argparse fills both positionals at MODEL, so key=value
+    # items after the options arrive here; anything else unknown is the usual usage error.
+    if extra and getattr(args, "command", None) == "update" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = getattr(args, "debug", False) or os.environ.get("RESFORGE_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)

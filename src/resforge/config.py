@@ -166,6 +166,22 @@ class FinetuneConfig:
 
 
 @dataclass
+class ContinualConfig:
+    """Updating a trained model on new data (resforge update); ignored by plain training."""
+    method: str = "derpp"             # naive | replay (ER) | lwf | derpp (DER++): how old knowledge is kept
+    align: bool = False               # weight aligning after training (Zhao et al. 2020): new classes' head rows
+                                      # rescaled to the old rows' mean norm (class-incremental updates)
+    buffer_size: int = 500            # replay buffer capacity in images, class-balanced (kept with every version)
+    selection: str = "reservoir"      # reservoir (uniform per class) | herding (iCaRL: nearest the class mean)
+    replay_batch: int | None = None   # replayed images added to each step's batch; None = train.batch_size
+    alpha: float = 0.2                # derpp: weight of the MSE on replayed logits (paper: 0.1-0.2 on Split CIFAR-10)
+    beta: float = 0.5                 # derpp: weight of the cross-entropy on replayed labels (paper: 0.5)
+    lwf_weight: float = 1.0           # lwf: weight of the distillation term
+    temperature: float = 2.0          # lwf: softmax temperature of the distillation (Li & Hoiem: 2)
+    min_per_class: int = 2            # fewer training images than this in a class of the new data is an error
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -174,6 +190,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     recipe: str | None = None
 
     def to_dict(self) -> dict:
@@ -401,6 +418,8 @@ CHOICES = {
     ("eval", "ood_score"): ("msp", "energy", "none"),
     ("finetune", "decay_unit"): ("stage", "block"),
     ("finetune", "class_weights"): ("none", "balanced"),
+    ("continual", "method"): ("naive", "replay", "lwf", "derpp"),
+    ("continual", "selection"): ("reservoir", "herding"),
     ("model", "shortcut"): (None, "A", "B"),
     ("data", "channels"): (None, 1, 3),
 }
@@ -460,6 +479,13 @@ RANGES = {
     "finetune.lora_alpha": (0, _INF, "()"),
     "finetune.lora_dropout": (0, 1, "[)"),
     "finetune.lora_lr_mult": (0, _INF, "()"),
+    "continual.buffer_size": (0, 10_000_000, "[]"),
+    "continual.replay_batch": (1, 1_000_000, "[]"),
+    "continual.alpha": (0, _INF, "[)"),
+    "continual.beta": (0, _INF, "[)"),
+    "continual.lwf_weight": (0, _INF, "[)"),
+    "continual.temperature": (0, _INF, "()"),
+    "continual.min_per_class": (1, 1_000_000, "[]"),
 }
 
 SPLITS = ("train", "val", "test")
@@ -570,6 +596,21 @@ def _check_combinations(cfg: RunConfig) -> None:
         from resforge.training.device_names import parse_device
         if parse_device(t.device)[0] in ("cpu", "mps"):
             raise ConfigError(f"train.precision=fp16 needs a CUDA device (train.device={t.device}): use bf16 or fp32")
+
+
+def validate_update(cfg: RunConfig) -> None:
+    """What only an update (resforge update) needs of the continual section, beyond validate()."""
+    c, a = cfg.continual, cfg.aug
+    if c.method in ("replay", "derpp") and c.buffer_size == 0:
+        raise ConfigError(f"continual.method={c.method} replays a buffer, but continual.buffer_size=0: give it a "
+                          "size in images (e.g. 500), or use continual.method=lwf or naive")
+    if c.method == "derpp" and (a.mixup or a.cutmix):
+        raise ConfigError("continual.method=derpp replays the logits stored with each buffer image, which mixup/"
+                          "cutmix would pair with mixed images: set aug.mixup=0 and aug.cutmix=0, or use "
+                          "continual.method=replay")
+    if cfg.train.fit_budget:
+        raise ConfigError("train.fit_budget is not used by updates: set train.epochs (train.max_seconds still "
+                          "stops the update at the budget)")
 
 
 def validate(cfg: RunConfig) -> None:

@@ -15,6 +15,7 @@ artifact.validate_meta); this module adds what the file means:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,9 +56,35 @@ class WeightsFile:
         return self.arch
 
 
+VERSION_REF = re.compile(r"(.+)@(v[1-9][0-9]{0,5}|latest)")       # RUN@v3, RUN@latest
+
+
+def version_folder(source: str | Path) -> Path | None:
+    """RUN@vN -> RUN/versions/vN, RUN@latest -> the run's newest version (continual/versions.py
+    lays them out); None when `source` is not of that form (or is an existing path)."""
+    m = VERSION_REF.fullmatch(str(source))
+    if m is None or Path(source).exists():
+        return None
+    run, tag = Path(m.group(1)), m.group(2)
+    if tag == "latest":
+        root = run / "versions"
+        numbers = sorted(int(p.name[1:]) for p in root.iterdir()
+                         if re.fullmatch(r"v[1-9][0-9]{0,5}", p.name) and p.is_dir()) if root.is_dir() else []
+        if not numbers:
+            raise FileNotFoundError(f"{run} has no model versions ({source}): make one with `resforge update "
+                                    f"{run} --data NEW`, or pass the run folder itself")
+        return root / f"v{numbers[-1]}"
+    folder = run / "versions" / tag
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{run} has no model version {tag} ({source}); list them with "
+                                f"`resforge versions {run}`")
+    return folder
+
+
 def resolve_weights(source: str | Path, which: str = "best") -> Path:
-    """A run folder, a weights folder or a file -> the weights file to read."""
-    p = Path(source)
+    """A run folder, a model version (RUN/versions/vN, RUN@vN, RUN@latest), a weights folder or a
+    file -> the weights file to read."""
+    p = version_folder(source) or Path(source)
     if p.is_dir():
         for cand in (p / "weights" / f"{which}.safetensors", p / f"{which}.safetensors",
                      p / "weights" / "last.safetensors", p / "last.safetensors"):

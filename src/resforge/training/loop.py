@@ -87,19 +87,24 @@ class Updater:
 
 
 def forward_loss(model: nn.Module, batch, augment: Augmenter, rt: Runtime, loss_fn: Callable, epoch: int,
-                 g: torch.Generator):
+                 g: torch.Generator, batch_loss: Callable | None = None):
     """uint8 batch -> (logits (B, K), target (B,) or (B, K), loss): augmentation on the device,
-    forward under the run's precision, loss in fp32."""
+    forward under the run's precision, loss in fp32. batch_loss(logits, target, x, batch), when
+    given, is the loss instead of loss_fn(logits, target): for losses that need the augmented input
+    x the model saw or which rows of the batch are which (batch = (x_u8, y, idx) as the batches
+    yielded it), e.g. continual learning's distillation and replayed logits (continual/methods.py)."""
     x_u8, y, idx = batch
     x, target = augment(x_u8, y, idx, epoch, g)
     with rt.autocast():
         logits = model(rt.to_input(x))
+    if batch_loss is not None:
+        return logits, target, batch_loss(logits, target, x, batch)
     return logits, target, loss_fn(logits, target)
 
 
 def train_one_epoch(model: nn.Module, batches, augment: Augmenter, updater: Updater, rt: Runtime,
                     loss_fn: Callable, *, epoch: int, seed: int, state: FitState,
-                    progress: bool = True, desc: str = "") -> dict:
+                    progress: bool = True, desc: str = "", batch_loss: Callable | None = None) -> dict:
     """One pass over `batches`: augment on the device, forward, loss, update. -> epoch statistics
     (train_loss, train_acc, images, seconds, and grad_norm_<stage> when the updater measures them)."""
     model.train()
@@ -110,7 +115,7 @@ def train_one_epoch(model: nn.Module, batches, augment: Augmenter, updater: Upda
     bar = P.Bar(batches.batches(g), total=len(batches), desc=desc, unit="batch", enabled=progress,
                 announce=False)                 # off a terminal the epoch lines are the log
     for i, (x_u8, y, idx) in enumerate(bar):
-        logits, target, loss = forward_loss(model, (x_u8, y, idx), augment, rt, loss_fn, epoch, g)
+        logits, target, loss = forward_loss(model, (x_u8, y, idx), augment, rt, loss_fn, epoch, g, batch_loss)
         updater.step(model, loss, state)
         # Accumulate on device: no host sync per step (it would stall a GPU pipeline).
         hard = target if target.ndim == 1 else target.argmax(1)
@@ -236,13 +241,17 @@ class FitResult:
 def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Runtime,
         optim_cfg: OptimConfig, train_cfg: TrainConfig, *, checkpointer=None, resume: dict | None = None,
         metrics_log: MetricsLog | None = None, lr_scale: dict[str, float] | None = None,
-        desc: str = "", train_eval_batches=None, loss_fn: Callable | None = None) -> FitResult:
+        desc: str = "", train_eval_batches=None, loss_fn: Callable | None = None,
+        batch_loss: Callable | None = None) -> FitResult:
     """Train `model` for train_cfg.epochs with periodic validation; returns the weights to use.
 
     checkpointer(tag, model, state, extra) writes 'last' (+ resume state) and 'best';
     resume is a state dict written by an earlier call with the same arguments.
     train_eval_batches (optional, un-augmented training images) adds train_eval_loss/_acc to
-    every epoch's row; train_cfg.grad_norms adds grad_norm_<stage> (probes.py)."""
+    every epoch's row; train_cfg.grad_norms adds grad_norm_<stage> (probes.py).
+    batch_loss(logits, target, x, batch): a training loss that needs more than (logits, target)
+    (see forward_loss); train_batches may be any object with batches(g), __len__ and num_images,
+    e.g. one that mixes replayed images into every batch (continual/methods.py)."""
     groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_norm_bias, lr_scale)
     opt = build_optimizer(groups, optim_cfg)
     sched = build_scheduler(opt, optim_cfg, train_cfg.epochs, len(train_batches))
@@ -270,7 +279,7 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
     for epoch in range(state.epoch, train_cfg.epochs):
         stats = train_one_epoch(step_model, train_batches, augment, updater, rt, loss_fn,
                                 epoch=epoch, seed=train_cfg.seed, state=state, progress=train_cfg.progress,
-                                desc=f"{desc}epoch {epoch + 1}/{train_cfg.epochs}")
+                                desc=f"{desc}epoch {epoch + 1}/{train_cfg.epochs}", batch_loss=batch_loss)
         state.seconds, state.timed_epochs = time.perf_counter() - t0, state.timed_epochs + 1
         out_of_time = _out_of_time(train_cfg.max_seconds, state.seconds, state.timed_epochs)
         if lookahead is not None and (out_of_time or epoch + 1 == train_cfg.epochs):
