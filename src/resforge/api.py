@@ -432,3 +432,12 @@ def lr_find(source=None, **kwargs) -> dict:
     """Learning-rate range test (plot + suggested rate); see resforge.finetune.lrfind.lr_find."""
     from resforge.finetune.lrfind import lr_find as _lr_find
     return _lr_find(source, **kwargs)
+
+
+# ---------------------------------------------------------------- continual
+
+def fewshot(model, support, **kwargs):
+    """New classes from K images each, as prototype rows of a new model version; see
+    resforge.continual.fewshot.fewshot."""
+    from resforge.continual.fewshot import fewshot as _fewshot   # it imports this module
+    return _fewshot(model, support, **kwargs)
