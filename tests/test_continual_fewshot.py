@@ -155,16 +155,21 @@ def test_cli_refusals_are_one_sentence(base_run, tmp_path):
     _write_pngs(clash / "3", _digits()["train"]["images"][:5])
     msg = _one_sentence(_cli(run, "--support", clash, root=root))
     assert "'3'" in msg and "already one of the model's classes" in msg
-    assert "outside 1..20" in _one_sentence(_cli(run, "--support", support, "--shots", "21", root=root))
-    assert not (run / "versions" / "v3").exists() or V.load_version(run / "versions" / "v3")
+    assert [p.name for p in (run / "versions").iterdir()] == ["v1", "v2"]      # nothing written
+
+
+def test_shots_outside_the_range_is_refused_in_process(base_run, capsys):
+    from resforge.cli import main
+    run, support, _ = base_run
+    assert main(["fewshot", str(run), "--support", str(support), "--shots", "21"]) == 2
+    assert "--shots 21 is outside 1..20" in capsys.readouterr().err
 
 
 def test_rgb_support_images_are_converted_to_the_models_channels(base_run, added, tmp_path):
-    run, _, root = base_run
+    run, _, _ = base_run
     s = _digits()["train"]
     rgb = tmp_path / "rgb"
     _write_pngs(rgb / "seven_rgb", s["images"][s["labels"] == 7][6:8], rgb=True)
-    proc = _cli(f"{run}@v2", "--support", rgb, "--shots", "2", "--device", "cpu", root=root)
-    assert proc.returncode == 0, proc.stderr
-    v = V.resolve_model(run)[1]
-    assert v.class_names[-1] == "seven_rgb" and v.parent == 2
+    r = F.fewshot(f"{run}@v2", rgb, shots=2, say=lambda *_: None)
+    assert r.version.class_names[-1] == "seven_rgb" and r.version.parent == 2
+    assert r.version.record["method"]["shots"] == 2 and V.resolve_model(run)[1].number == 3

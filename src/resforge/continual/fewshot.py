@@ -243,7 +243,9 @@ def base_samples(version: V.Version, meta: dict, data_root=None) -> dict:
             cfg = replace(cfg, data=replace(cfg.data, data_root=data_root, download=False, cache_dir=None,
                                             manifest=None))
             man = load_manifest(version.dir / entry["manifest"]) if entry.get("manifest") else None
-            bundle, _ = prepare_data(cfg, man)
+            with warnings.catch_warnings():   # a support manifest lists only the K images used per class
+                warnings.filterwarnings("ignore", message=".*are not in the split manifest")
+                bundle, _ = prepare_data(cfg, man)
         except (ValueError, OSError) as e:
             failures.append(f"{entry['source']} ({str(e).splitlines()[0][:160]})")
             continue
@@ -293,13 +295,17 @@ def fewshot(model: str | Path, support: str | Path, *, shots: int = 5, centre: s
     if centre is not None and centre not in CENTRES:
         raise FewshotError(f"--centre {centre!r} is not one of {', '.join(CENTRES)}")
     run, parent = V.resolve_model(model)
+    meta = read_meta(parent.weights if parent is not None else run / V.WEIGHTS)   # verified, cheap
+    if not meta:
+        raise FewshotError(f"{run} has no resforge sidecar beside its weights: only resforge runs take new classes")
+    old_names = list(meta["class_names"])
+    # the support set is checked before anything is written or the model is built
+    images, labels, new_names, bundle, ids = load_support(support, meta, shots, old_names, seed)
     if parent is None:
         parent = V.register_root(run)
         say(f"registered {run} as version v1")
     dev = select_device(device)
     net, meta = load_for_inference(parent.weights, device=dev)
-    old_names = list(meta["class_names"])
-    images, labels, new_names, bundle, ids = load_support(support, meta, shots, old_names, seed)
     has_bias = isinstance(net.fc, nn.Linear) and net.fc.bias is not None
     centre = centre or ("base" if has_bias else "none")
     if centre != "none" and not has_bias:
@@ -330,7 +336,8 @@ def fewshot(model: str | Path, support: str | Path, *, shots: int = 5, centre: s
         f"{_pct(metrics.get('old_top1'))}; support top-1 {_pct(metrics['support_top1'])}")
     n = (V.version_numbers(run) or [0])[-1] + 1
     entry = {"id": f"d{len(parent.data) + 1}", "source": str(support),
-             "data": {"source": str(support), "image_size": list(bundle.image_size), "channels": bundle.channels},
+             "data": {"source": str(support), "channels": bundle.channels,
+                      **({"image_size": bundle.image_size[0]} if len(set(bundle.image_size)) == 1 else {})},
              "fingerprint": bundle.fingerprint, "class_names": new_names,
              "head_index": list(range(len(old_names), len(names))), "manifest": None,
              "images": {"train": int(len(labels))}, "version": n}
