@@ -85,7 +85,7 @@ def embed(model: nn.Module, images_u8, mean, std, batch_size: int = 256,
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     feats, logits = [], []
     for i in range(0, len(images_u8), batch_size):
-        x = torch.as_tensor(np.asarray(images_u8[i:i + batch_size])).to(device)
+        x = torch.from_numpy(np.array(images_u8[i:i + batch_size])).to(device)   # a copy: memmaps are read-only
         x = (x.float() / 255 - m) / s                       # as Augmenter.eval_view
         fmap = model.forward_features(x)
         feats.append(model.forward_head(fmap, pre_logits=True).float().cpu())
