@@ -173,3 +173,15 @@ def test_rgb_support_images_are_converted_to_the_models_channels(base_run, added
     r = F.fewshot(f"{run}@v2", rgb, shots=2, say=lambda *_: None)
     assert r.version.class_names[-1] == "seven_rgb" and r.version.parent == 2
     assert r.version.record["method"]["shots"] == 2 and V.resolve_model(run)[1].number == 3
+
+
+def test_finetune_epochs_train_only_the_head(base_run):
+    from resforge.checkpoint import read_state_dict
+    run, support, _ = base_run
+    r = F.fewshot(f"{run}@v1", support, shots=5, finetune_epochs=1, say=lambda *_: None)
+    assert r.version.parent == 1 and r.version.record["method"]["finetune_epochs"] == 1
+    before, _, _ = read_state_dict(run / "versions" / "v1" / "weights" / "best.safetensors")
+    after, _, _ = read_state_dict(r.version.weights)
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("fc."))   # backbone, BN stats
+    assert after["fc.weight"].shape[0] == 10 and not torch.equal(after["fc.weight"][:7], before["fc.weight"])
+    assert r.metrics["old_top1"] >= r.metrics["old_top1_before"] - 0.1

@@ -12,7 +12,7 @@
     resforge config [--section train]
     resforge finetune --from RUN_OR_WEIGHTS --data SRC [--policy POLICY] [--recipe R] [key=value ...]
     resforge lr-find [--from RUN_OR_WEIGHTS] [--data SRC] [--policy POLICY] [key=value ...]
-    resforge fewshot MODEL --support DIR [--shots K] [--centre base|support|none]
+    resforge fewshot MODEL --support DIR [--shots K] [--centre base|support|none] [--finetune-epochs N]
     resforge experiment degradation [--depths 20,56] [--epochs N] [--seeds S] [--jobs N] [--report] [key=value ...]
 
 Failures expected in use (a bad option or value, a missing or unreadable file, a full disk) are
@@ -312,7 +312,7 @@ def _fewshot(a) -> int:
     device = _device(a.device)
     from resforge import api
     api.fewshot(a.source, a.support, shots=a.shots, centre=a.centre, seed=a.seed, data_root=a.data_root,
-                device=device)
+                device=device, finetune_epochs=a.finetune_epochs)
     return 0
 
 
@@ -329,6 +329,9 @@ def _add_fewshot(sub) -> None:
                    help="feature mean subtracted before normalising (default: base, the model's training data; "
                         "none for classifiers without a bias)")
     f.add_argument("--seed", type=int, default=0, help="which images of a larger class folder are used")
+    f.add_argument("--finetune-epochs", type=int, default=0,
+                   help="then train the classifier (backbone and BatchNorm frozen) on the support images and a "
+                        "sample of the model's own data for N epochs (0: prototype rows only)")
     f.add_argument("--data-root", default=None, help="folder holding named sources (default: RESFORGE_DATA)")
     f.add_argument("--device", default="auto", help="auto | cpu | mps | cuda | cuda:N | N")
     f.set_defaults(fn=_fewshot)

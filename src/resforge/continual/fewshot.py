@@ -59,6 +59,8 @@ CENTRE_IMAGES = 2000           # base train images averaged for the centre mu
 CALIBRATION_IMAGES = 1000      # base val (else train) images the scale is calibrated on
 REPORT_IMAGES = 2000           # base test images old_top1 before/after is measured on
 CENTRES = ("base", "support", "none")
+FINETUNE_LR = 0.01             # --finetune-epochs: peak SGD rate of the head (cosine), a tenth of a from-scratch rate
+FINETUNE_BATCH = 64
 
 
 class FewshotError(ValueError):
@@ -286,12 +288,16 @@ def _images(sp, idx, bundle, size, channels) -> np.ndarray:
 # ---------------------------------------------------------------- the command
 
 def fewshot(model: str | Path, support: str | Path, *, shots: int = 5, centre: str | None = None,
-            seed: int = 0, data_root=None, device: str = "cpu", say=print) -> FewshotResult:
+            seed: int = 0, data_root=None, device: str = "cpu", finetune_epochs: int = 0,
+            say=print) -> FewshotResult:
     """Add the classes of `support` to MODEL (run folder, RUN@vN or RUN/versions/vN) as prototype
     rows; writes and returns the new version (the parent, and every other version, untouched).
-    centre: "base" (default where the head has a bias), "support" or "none" (module docstring)."""
+    centre: "base" (default where the head has a bias), "support" or "none" (module docstring).
+    finetune_epochs > 0: then train the head (finetune_head) for that many epochs."""
     from resforge.checkpoint import load_for_inference, read_meta, save_checkpoint
     from resforge.training.device import select_device
+    if not (isinstance(finetune_epochs, int) and 0 <= finetune_epochs <= 100):
+        raise FewshotError(f"--finetune-epochs {finetune_epochs!r} must be a whole number in 0..100")
     if centre is not None and centre not in CENTRES:
         raise FewshotError(f"--centre {centre!r} is not one of {', '.join(CENTRES)}")
     run, parent = V.resolve_model(model)
@@ -329,6 +335,10 @@ def fewshot(model: str | Path, support: str | Path, *, shots: int = 5, centre: s
     scale, fit = calibrate_scale(old_sup, scores(f_sup, protos, mu), labels, old_cal,
                                  scores(f_cal, protos, mu), own)
     merged = merge_rows(net, protos, mu, scale)
+    if finetune_epochs:
+        cfg = parent.record.get("config") or meta.get("config") or {}
+        merged = finetune_head(merged, images, labels + len(old_names), base["train"], meta, cfg,
+                               finetune_epochs, device, seed)
     names = old_names + new_names
     metrics, accuracy = _measure(merged, g, f_sup, labels, len(old_names), base, emb, scale, fit, names)
     say(f"{k} new class{'es' * (k != 1)} ({', '.join(new_names)}) from {shots} image{'s' * (shots != 1)} each; "
@@ -342,7 +352,9 @@ def fewshot(model: str | Path, support: str | Path, *, shots: int = 5, centre: s
              "head_index": list(range(len(old_names), len(names))), "manifest": None,
              "images": {"train": int(len(labels))}, "version": n}
     method = {"name": "fewshot", "shots": shots, "centre": centre, "scale": scale, "seed": seed,
-              "new_classes": new_names}
+              "new_classes": new_names, "finetune_epochs": finetune_epochs,
+              **({"finetune": {"lr": FINETUNE_LR, "schedule": "cosine", "trains": "fc", "bn": "frozen"}}
+                 if finetune_epochs else {})}
     side = {key: v for key, v in read_meta(parent.weights).items()
             if key not in ("format", "format_version", "resforge_version", "weights_sha256", "output")}
     side.update(model={**side["model"], "num_classes": len(names)}, class_names=names,
@@ -364,6 +376,53 @@ def fewshot(model: str | Path, support: str | Path, *, shots: int = 5, centre: s
     version = V.write_version(run, parent=parent, build=build)
     say(f"version {version.name}: {version.dir}  (use it as {run}@{version.name})")
     return FewshotResult(version, new_names, scale, centre, version.record["metrics"])
+
+
+def finetune_head(model: nn.Module, images, labels, base_train, meta: dict, cfg_dict: dict, epochs: int,
+                  device: str, seed: int) -> nn.Module:
+    """Train only the fc of the merged model (backbone frozen, every BatchNorm locked in eval mode,
+    so the features -- and the old logits' inputs -- do not move) for `epochs` through the training
+    loop, on the support images (repeated to the base sample's mean images per class, so K images
+    are not drowned by the old classes) plus the base train sample, with the parent's augmentation
+    and label smoothing. Old rows move too: that is what fine-tuning is for; the version's metrics
+    measure old_top1 after it. Raises FewshotError if anything outside fc changed."""
+    from resforge.config import load_config
+    from resforge.data.augment import Augmenter
+    from resforge.data.loader import make_batches
+    from resforge.data.sources import DataBundle, Split
+    from resforge.finetune.policies import changed, frozen_snapshot, release, set_bn_locked
+    from resforge.training.device import make_runtime
+    from resforge.training.loop import fit
+    cfg = load_config(None, base={k: v for k, v in cfg_dict.items() if k in ("aug", "optim")})
+    base_x, base_y = base_train
+    per_class = len(base_y) / max(1, len(np.unique(base_y)))
+    reps = max(1, round(per_class / max(1, np.bincount(labels).max())))
+    x = np.concatenate([base_x, *[images] * reps])
+    y = np.concatenate([base_y, *[labels] * reps]).astype(np.int64)
+    k = model.fc.out_features
+    bundle = DataBundle(name="fewshot-finetune", class_names=[str(i) for i in range(k)],
+                        splits={"train": Split(labels=y, images=x, files=None, ids=[str(i) for i in range(len(y))])},
+                        channels=x.shape[1], image_size=tuple(x.shape[2:]), fingerprint="", rejected=[])
+    rt = make_runtime(device, "fp32", False)
+    model = model.to(rt.device)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("fc."))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            set_bn_locked(m, True)
+    keep = frozen_snapshot(model)
+    optim = replace(cfg.optim, lr=FINETUNE_LR, schedule="cosine", warmup_epochs=0.0, full_lr_steps=0, clip_grad=None)
+    train = replace(cfg.train, epochs=epochs, batch_size=min(FINETUNE_BATCH, len(y)), seed=seed, ema=None,
+                    lookahead_every=None, max_seconds=None, fit_budget=False, bn_recalibrate="never",
+                    restore_best=False, progress=False, patience=None, eval_train=0, grad_norms=False)
+    augment = Augmenter(cfg.aug, meta["mean"], meta["std"], k, tuple(x.shape[2:]), seed=seed)
+    batches = make_batches(bundle, "train", rt.device, train.batch_size, train=True, workers=0)
+    result = fit(model, batches, None, augment, rt, optim, train, desc="few-shot head: ")
+    moved = changed(result.model, keep)
+    release(result.model)
+    if moved:
+        raise FewshotError(f"fine-tuning the head changed {moved[0]} outside fc; nothing was written")
+    return result.model.cpu().eval()
 
 
 def _measure(merged, g, f_sup, y_sup, k_old, base, emb, scale, fit, names) -> tuple[dict, dict]:
