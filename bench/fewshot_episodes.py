@@ -186,11 +186,13 @@ def main() -> None:
     novel = extract_novel(a.shared / "imagenette-128.tar", a.out / "data", a.per_class)
     bundle = load_source(novel, image_size=(h, w), channels=c)
     sp = bundle.splits["train"]
+    print(f"[{time.time() - t0:.0f} s] {len(sp.labels)} novel images loaded; embedding", flush=True)
     feats, _ = F.embed(model, sp.images, meta["mean"], meta["std"])
     mu, _ = F.embed(model, base_train, meta["mean"], meta["std"])
     mu = mu.mean(0)
     rows, results = [], {}
     for shots in (1, 5):
+        print(f"[{time.time() - t0:.0f} s] {a.episodes} {WAYS}-way {shots}-shot episodes", flush=True)
         acc = episodes(feats, sp.labels, mu, shots, a.episodes, a.seed + shots)
         results[f"{shots}-shot"] = {k: {"mean": float(np.mean(v)), "ci95": float(1.96 * np.std(v, ddof=1)
                                                                               / np.sqrt(len(v)))}
