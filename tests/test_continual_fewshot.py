@@ -185,3 +185,11 @@ def test_finetune_epochs_train_only_the_head(base_run):
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("fc."))   # backbone, BN stats
     assert after["fc.weight"].shape[0] == 10 and not torch.equal(after["fc.weight"][:7], before["fc.weight"])
     assert r.metrics["old_top1"] >= r.metrics["old_top1_before"] - 0.1
+
+
+def test_shifted_views_stand_in_for_a_single_support_image():
+    img = np.arange(2 * 16 * 16, dtype=np.uint8).reshape(2, 1, 16, 16)
+    v = F.shifted_views(img)
+    assert v.shape == (8, 1, 16, 16)
+    assert np.array_equal(v[0][:, :, 1:], img[0][:, :, :-1])        # shifted right by 1 px, edge replicated
+    assert np.array_equal(v[0][:, :, 0], img[0][:, :, 0])

@@ -33,8 +33,10 @@ for comparison. The same base data is needed anyway to calibrate s.
 The scale s: one number, chosen to maximise (support images classified as their new class) +
 (base images whose old prediction is kept), i.e. new rows that win on their class without
 stealing old images. Support scores are leave-one-out (each image against the prototype of the
-other K-1) when K >= 2; with K = 1 they are in-sample (optimistic: s is then the smallest that
-lets the support win). Base images are a strided sample of the validation split (else train).
+other K-1) when K >= 2; with K = 1, four copies of the image shifted by ~H/16 px stand in for
+unseen images (in-sample scores would be optimistic and pick too small an s: on the digits case
+below, 1-shot new-class top-1 over seeds 0-2 is 30.8 / 34.6 / 27.1% with the shifted copies,
+19.6 / 21.5 / 9.3% in-sample, old classes 98.4 / 96.4 / 99.2% vs 99.2 / 98.4 / 99.2%). Base images are a strided sample of the validation split (else train).
 Among the maximising scales the geometric middle of the widest run is taken. The version's
 metrics record the old-class top-1 on a sample of the old test split before and after the merge
 (old_top1_before / old_top1), so any damage to the old classes is measured, not assumed.
@@ -171,6 +173,16 @@ def calibrate_scale(old_sup: torch.Tensor, z_sup: torch.Tensor, y_sup, old_base:
     chosen = float(torch.sqrt(s[run_lo] * s[run_lo + run_len - 1]))
     k = int(torch.searchsorted(s, torch.tensor([chosen], dtype=torch.float64)).clamp(max=grid - 1))
     return chosen, {"support_ok": float(sup_ok[k]), "base_kept": float(base_kept[k])}
+
+
+def shifted_views(images: np.ndarray) -> np.ndarray:
+    """uint8 (n, C, H, W) -> (4n, C, H, W): each image shifted by ~H/16 px (>= 1) left, right, up
+    and down, edges replicated -- stand-ins for unseen images of a class given by one image."""
+    d = max(1, round(images.shape[2] / 16))
+    p = np.pad(images, ((0, 0), (0, 0), (d, d), (d, d)), mode="edge")
+    h, w = images.shape[2:]
+    crops = [(d, 0), (d, 2 * d), (0, d), (2 * d, d)]                   # (top, left) of each view
+    return np.concatenate([p[:, :, t:t + h, l:l + w] for t, l in crops])
 
 
 def merge_rows(model: nn.Module, protos: torch.Tensor, centre: torch.Tensor, scale: float) -> nn.Module:
@@ -341,9 +353,14 @@ def fewshot(model: str | Path, support: str | Path, *, shots: int = 5, centre: s
     protos = prototypes(f_sup, labels, k, mu)
     calib = base["calib"] or base["train"]
     f_cal, old_cal = emb(calib[0])
-    own = loo_own_scores(f_sup, labels, k, mu) if shots >= 2 else None
-    scale, fit = calibrate_scale(old_sup, scores(f_sup, protos, mu), labels, old_cal,
-                                 scores(f_cal, protos, mu), own)
+    if shots >= 2:
+        scale, fit = calibrate_scale(old_sup, scores(f_sup, protos, mu), labels, old_cal, scores(f_cal, protos, mu),
+                                     loo_own_scores(f_sup, labels, k, mu))
+    else:                     # one image per class: its shifted copies stand in for unseen images
+        views = shifted_views(images)
+        f_view, old_view = emb(views)
+        scale, fit = calibrate_scale(old_view, scores(f_view, protos, mu), np.tile(labels, len(views) // len(labels)),
+                                     old_cal, scores(f_cal, protos, mu))
     merged = merge_rows(net, protos, mu, scale)
     if finetune_epochs:
         cfg = parent.record.get("config") or meta.get("config") or {}
@@ -440,14 +457,15 @@ def finetune_head(model: nn.Module, images, labels, base_train, meta: dict, cfg_
 
 
 def _measure(merged, g, f_sup, y_sup, k_old, base, emb, scale, fit, names) -> tuple[dict, dict]:
-    """(metrics, accuracy): support top-1 of the merged head (in-sample), old-class top-1 on the
+    """(metrics, accuracy): support top-1 of the merged head (in-sample; support_top1_heldout: on
+    the calibration's stand-ins for unseen images, leave-one-out or shifted copies), old-class top-1 on the
     base test sample before and after the merge (overall and per data set: {id: {top1, n,
     per_class}}), the share of old test images now predicted as a new class, and the
     calibration's own figures."""
     with torch.no_grad():
         sup_pred = (merged.fc(f_sup) * g).argmax(1)
     metrics = {"support_top1": float((sup_pred == torch.as_tensor(y_sup) + k_old).double().mean()),
-               "support_top1_loo": fit["support_ok"], "calibration_old_kept": fit["base_kept"], "scale": scale}
+               "support_top1_heldout": fit["support_ok"], "calibration_old_kept": fit["base_kept"], "scale": scale}
     if base["test"] is None:
         return metrics, {}
     f_test, old_test = emb(base["test"][0])
