@@ -15,6 +15,7 @@
     resforge update MODEL --data NEW [--method naive|replay|lwf|derpp] [--align] [--buffer N]
                     [--rename OLD=NEW] [--merge DATA=MODEL] [key=value ...]
     resforge versions RUN
+    resforge fewshot MODEL --support DIR [--shots K] [--centre base|support|none] [--finetune-epochs N]
     resforge experiment degradation [--depths 20,56] [--epochs N] [--seeds S] [--jobs N] [--report] [key=value ...]
 
 Failures expected in use (a bad option or value, a missing or unreadable file, a full disk) are
@@ -310,6 +311,35 @@ def _add_finetune(sub) -> None:
         q.set_defaults(fn=fn)
 
 
+def _fewshot(a) -> int:
+    device = _device(a.device)
+    from resforge import api
+    api.fewshot(a.source, a.support, shots=a.shots, centre=a.centre, seed=a.seed, data_root=a.data_root,
+                device=device, finetune_epochs=a.finetune_epochs)
+    return 0
+
+
+def _add_fewshot(sub) -> None:
+    f = sub.add_parser("fewshot", help="add classes from a few images each (prototype rows): a new model version",
+                       description="Each class folder of --support (DIR/<class>/<image>) becomes one classifier row: "
+                                   "the centred, L2-normalised mean feature of --shots of its images, scaled to compete "
+                                   "with the old classes. Writes RUN/versions/vN; export, serve, predict and eval take "
+                                   "it as RUN@vN.")
+    f.add_argument("source", metavar="MODEL", help="run folder (its latest version), RUN@vN or RUN/versions/vN")
+    f.add_argument("--support", required=True, metavar="DIR", help="one sub-folder of images per new class (required)")
+    f.add_argument("--shots", type=_count, default=5, help="images per new class, 1..20")
+    f.add_argument("--centre", choices=["base", "support", "none"], default=None,
+                   help="feature mean subtracted before normalising (default: base, the model's training data; "
+                        "none for classifiers without a bias)")
+    f.add_argument("--seed", type=int, default=0, help="which images of a larger class folder are used")
+    f.add_argument("--finetune-epochs", type=int, default=0,
+                   help="then train the classifier (backbone and BatchNorm frozen) on the support images and a "
+                        "sample of the model's own data for N epochs (0: prototype rows only)")
+    f.add_argument("--data-root", default=None, help="folder holding named sources (default: RESFORGE_DATA)")
+    f.add_argument("--device", default="auto", help="auto | cpu | mps | cuda | cuda:N | N")
+    f.set_defaults(fn=_fewshot)
+
+
 def _export(a) -> int:
     try:
         from resforge.export import export
@@ -534,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_continual(sub)
     _add_cache(sub)
+    _add_fewshot(sub)
     return p
 
 

@@ -48,14 +48,15 @@ class DataBundle:
 
 def load_source(spec, *, image_size=None, channels=None, cache_dir=None, download=False,
                 data_root=None, stream=False, resize="shorter-center-crop",
-                limits: DataLimits | None = None) -> DataBundle:
+                limits: DataLimits | None = None, min_classes: int = 2) -> DataBundle:
     """Load a data source as uint8 (N, C, H, W) splits; see the module docstring for specs.
 
     image_size: (H, W) or int to resize to; channels: 1 or 3 to convert to; None keeps the
     source's own (folders: most common size; 1 channel only if every image is grayscale).
     stream: folders only, keep file lists instead of decoding (images=None).
     limits: bounds on classes, image side and decoded bytes (limits.py; default from_env()).
-    A source must have at least two classes with items: a one-class "classifier" is refused.
+    A source must have at least two classes with items: a one-class "classifier" is refused
+    (min_classes=1: a support set of new classes for `resforge fewshot`, where one is enough).
     """
     limits = limits or DataLimits.from_env()
     settings = _settings(image_size, channels, resize)
@@ -63,7 +64,7 @@ def load_source(spec, *, image_size=None, channels=None, cache_dir=None, downloa
         limits.check_side(settings["image_size"], "requested data.image_size")
     kind, path = _resolve(spec, data_root, download)
     if kind == "folder":
-        return _load_folder(path, settings, cache_dir, stream, limits)
+        return _load_folder(path, settings, cache_dir, stream, limits, min_classes)
     if stream:
         raise ValueError(f"stream=True is for image folders only; {spec!r} is a {kind} source "
                          "and is loaded into memory")
@@ -76,15 +77,15 @@ def load_source(spec, *, image_size=None, channels=None, cache_dir=None, downloa
              "cifar": lambda: cifar.read_cifar(path)}[kind]()
     if kind in ("cifar", "npz"):  # where the entry came from (`resforge cache list`)
         parts["extra"] = {**parts.get("extra", {}), "path": str(path)}
-    check_classes(parts, str(path) if path is not None else kind, limits)
+    check_classes(parts, str(path) if path is not None else kind, limits, min_classes)
     return _store(_conform(parts, settings, limits), fp, cache_dir)
 
 
-def check_classes(parts: dict, source: str, limits: DataLimits | None = None) -> None:
+def check_classes(parts: dict, source: str, limits: DataLimits | None = None, min_classes: int = 2) -> None:
     """A classifier needs >= 2 classes with items; one class would "train" to 100% and mean nothing."""
     (limits or DataLimits.from_env()).check_classes(len(parts["class_names"]), source)
     used = sorted({int(v) for p in parts["splits"].values() for v in np.unique(p["labels"])})
-    if len(used) < 2:
+    if len(used) < min_classes:
         names = parts["class_names"]
         what = f"only one class ({names[used[0]]!r})" if used else "no labelled items"
         raise ValueError(f"{source}: {what}; a classifier needs at least 2 classes with images, "
@@ -185,7 +186,8 @@ def _content_hash(kind: str, path: Path | None, cache_dir) -> str:
     return cache.file_sha256(path, cache_dir)
 
 
-def _load_folder(path: Path, settings: dict, cache_dir, stream: bool, limits: DataLimits) -> DataBundle:
+def _load_folder(path: Path, settings: dict, cache_dir, stream: bool, limits: DataLimits,
+                 min_classes: int = 2) -> DataBundle:
     listing = folder.list_tree(path)
     if stream:  # every file was decode-checked once; the memo skips that for an unchanged tree
         key = folder.listing_key(listing, {"version": SOURCE_VERSION, "kind": "checked"})
@@ -195,18 +197,23 @@ def _load_folder(path: Path, settings: dict, cache_dir, stream: bool, limits: Da
         if memo is None:
             cache.memo_put(cache_dir, key, {"checked": parts["checked"]})
         parts.pop("checked")
-        check_classes(parts, str(path), limits)
+        check_classes(parts, str(path), limits, min_classes)
         return _bundle(parts, parts.pop("fingerprint"))
     key = folder.listing_key(listing, {**settings, "version": SOURCE_VERSION})
     hit, fp = _memo_entry(cache_dir, key)
-    if hit is not None:
-        return _rebase(_from_cache(hit, fp), path)
+    if hit is not None:         # cached by a caller that may have allowed fewer classes: check again
+        bundle = _rebase(_from_cache(hit, fp), path)
+        check_classes({"class_names": bundle.class_names,
+                       "splits": {s: {"labels": sp.labels} for s, sp in bundle.splits.items()}},
+                      str(path), limits, min_classes)
+        return bundle
     base = _native_entry(listing, settings, cache_dir)
     if base is not None:
         parts, fp = _derive(base, settings, limits)
+        check_classes(parts, str(path), limits, min_classes)
     else:
         parts = folder.decode_tree(listing, settings, limits=limits)
-        check_classes(parts, str(path), limits)
+        check_classes(parts, str(path), limits, min_classes)
         fp = cache.settings_hash("resforge-data", SOURCE_VERSION, parts.pop("fingerprint"))
     bundle = _store(parts, fp, cache_dir)
     cache.memo_put(cache_dir, key, {"fingerprint": fp})
