@@ -80,9 +80,25 @@ def _train(a) -> int:
     # Resolved (and validated) before torch is imported: a bad value is reported at once.
     config = None if a.resume else load_config(recipe, overrides)
     a.writes_to = a.resume or (config.train.project if config else None)    # named by an OSError without a file
+    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:     # relaunch as N processes through torchrun's launcher
+        from resforge.distributed import launch
+        return launch(a.nproc, _without(a.argv, ("--nproc", "--max-restarts")), a.max_restarts)
     from resforge import api
     api.train(None if a.resume else recipe, overrides, resume=a.resume, config=config)
     return 0
+
+
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv minus the given options and their values (`--opt V` and `--opt=V`)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in options:
+            skip = True
+        elif not item.startswith(tuple(o + "=" for o in options)):
+            out.append(item)
+    return out
 
 
 def _source(a) -> str:
@@ -504,6 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"= {SHORTCUTS[k]} (default: the recipe's; see `resforge config`)")
     t.add_argument("--resume", default=None, metavar="RUN",
                    help="continue an interrupted run folder (default: start a new run)")
+    t.add_argument("--nproc", type=_count, default=1, metavar="N",
+                   help="train as N processes on this machine (DistributedDataParallel through torchrun's "
+                        "launcher; gloo on CPU, NCCL with one GPU each); train.batch_size stays the global batch")
+    t.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --nproc: restart the processes up to K times if one dies (they resume from the "
+                        "last checkpoint)")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.set_defaults(fn=_train)
 
@@ -625,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     debug = getattr(args, "debug", False) or os.environ.get("RESFORGE_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)

@@ -79,6 +79,9 @@ class OptimConfig:
     gamma: float = 0.1                # step: factor at each milestone
     label_smoothing: float = 0.0      # target mass spread over the other classes, in [0, 1)
     clip_grad: float | None = None    # max global grad norm
+    lr_scaling: str = "none"          # none | linear | sqrt: peak rate = lr * f(train.batch_size / lr_base_batch),
+                                      # e.g. to keep a recipe's rate when the global batch grows with the GPUs
+    lr_base_batch: int = 256          # the batch that optim.lr was tuned for (used by lr_scaling)
     full_lr_steps: int = 0            # a fit with fewer optimiser steps T scales its peak rate to lr * T / this
                                       # (0 = off). Why: a short run has no steps left to recover from the
                                       # early excursion a high rate causes. 1,200 CIFAR images at 64 px, 4
@@ -98,7 +101,12 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10                  # passes over the training split
-    batch_size: int = 128             # training images per step
+    batch_size: int = 128             # training images per step: the global batch, over all processes of a
+                                      # distributed run (each of N takes batch_size / N)
+    accumulate: int = 1               # micro-batches per step: gradients of batch_size / (N * accumulate) images
+                                      # add up to one step (less memory, the same update)
+    sync_bn: bool = False             # distributed: BatchNorm over the global batch (SyncBatchNorm, GPUs only);
+                                      # false: each process normalises its own share
     eval_batch_size: int = 512        # images per step when evaluating
     device: str = "auto"              # auto | cpu | mps | cuda | cuda:N | N (GPU index, as Ultralytics/timm)
     precision: str = "auto"           # auto | fp32 | bf16 | fp16
@@ -413,6 +421,7 @@ CHOICES = {
     ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
     ("train", "monitor"): ("val_acc", "val_loss"),
     ("train", "bn_recalibrate"): ("auto", "always", "never"),
+    ("optim", "lr_scaling"): ("none", "linear", "sqrt"),
     ("finetune", "bn"): ("auto", "train", "freeze-stats", "freeze"),
     ("finetune", "head_init"): ("probe", "fresh"),
     ("eval", "ood_score"): ("msp", "energy", "none"),
@@ -457,6 +466,8 @@ RANGES = {
     "optim.clip_grad": (0, _INF, "()"),
     "train.epochs": (1, 1_000_000, "[]"),
     "train.batch_size": (1, 1_000_000, "[]"),
+    "train.accumulate": (1, 1_000_000, "[]"),
+    "optim.lr_base_batch": (1, 1_000_000, "[]"),
     "train.eval_batch_size": (1, 1_000_000, "[]"),
     "train.threads": (1, MAX_THREADS, "[]"),
     "train.seed": (0, MAX_SEED, "[]"),

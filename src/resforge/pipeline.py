@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from resforge import distributed as D
 from resforge import ood
 from resforge.atomic import atomic_write_text
 from resforge.config import RunConfig
@@ -32,7 +33,7 @@ from resforge.data.sources import apply_class_names, read_class_names
 from resforge.metrics import classification_metrics
 from resforge.models import create_model
 from resforge.runs import say
-from resforge.training.device import Runtime, make_runtime, seed_everything
+from resforge.training.device import Runtime, make_runtime, seed_everything, usable_cores
 from resforge.training.loop import predict_logits
 from resforge.weightfile import imagenet_stats, read_weights_file
 from resforge.weights import load_weights
@@ -44,8 +45,9 @@ def prepare_data(cfg: RunConfig, manifest: dict | None = None):
     """Load the source, fix train/val/test (from a manifest when given), subset train."""
     d = cfg.data
     names = read_class_names(d.class_names) if d.class_names else None
-    bundle = load_source(d.source, image_size=d.image_size, channels=d.channels, cache_dir=d.cache_dir,
-                         download=d.download, data_root=d.data_root, stream=d.stream)
+    with D.rank_zero_first():          # distributed: one decode into the cache, then the others read it
+        bundle = load_source(d.source, image_size=d.image_size, channels=d.channels, cache_dir=d.cache_dir,
+                             download=d.download, data_root=d.data_root, stream=d.stream)
     if names is not None:
         bundle = apply_class_names(bundle, names, d.class_names)
     if manifest is None and d.manifest:
@@ -121,10 +123,18 @@ def init_from_data(model: nn.Module, bundle, mean, std, n: int = 5000) -> None:
 
 # ---------------------------------------------------------------- runtime and batches
 
-def start_runtime(cfg: RunConfig) -> Runtime:
-    """Seed every generator (train.seed, train.deterministic), then the device/precision runtime."""
+def start_runtime(cfg: RunConfig, distributed: bool = False) -> Runtime:
+    """Seed every generator (train.seed, train.deterministic), then the device/precision runtime.
+    distributed: the caller shards its batches, so a process torchrun started joins the process
+    group (resforge/distributed.py); without it such a process is refused (not N silent copies)."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    return make_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last, cfg.train.threads)
+    t = cfg.train
+    if distributed and D.launched():
+        device = D.setup(t.device)
+        threads = t.threads if t.threads is not None or device.startswith("cuda") else \
+            D.cpu_threads_share(usable_cores())
+        return make_runtime(device, t.precision, t.channels_last, threads, distributed=True)
+    return make_runtime(t.device, t.precision, t.channels_last, t.threads)
 
 
 def place_model(model: nn.Module, rt: Runtime) -> nn.Module:
@@ -133,15 +143,19 @@ def place_model(model: nn.Module, rt: Runtime) -> nn.Module:
 
 
 def train_batches(cfg: RunConfig, bundle, rt: Runtime):
-    """Shuffled training batches of train.batch_size (the last partial batch dropped)."""
-    return make_batches(bundle, "train", rt.device, cfg.train.batch_size, train=True, workers=cfg.data.workers)
+    """Shuffled training batches of train.batch_size (the last partial batch dropped); under
+    torch.distributed this rank's share of each global batch."""
+    return make_batches(bundle, "train", rt.device, cfg.train.batch_size, train=True, workers=cfg.data.workers,
+                        shard=True)
 
 
 def val_batches(cfg: RunConfig, bundle, rt: Runtime):
-    """Validation batches in order, or None when there is no validation split (data.val_fraction=0)."""
+    """Validation batches in order, or None when there is no validation split (data.val_fraction=0);
+    under torch.distributed this rank's slice (fit gathers the logits)."""
     if not len(bundle.splits["val"].labels):
         return None
-    return make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers)
+    return make_batches(bundle, "val", rt.device, cfg.train.eval_batch_size, train=False, workers=cfg.data.workers,
+                        shard=True)
 
 
 # ---------------------------------------------------------------- evaluation and records
@@ -155,7 +169,7 @@ def evaluate_bundle(model: nn.Module, bundle, augment: Augmenter, rt: Runtime, s
     for s in splits:
         if s not in bundle.splits or len(bundle.splits[s].labels) == 0:
             continue
-        batches = make_batches(bundle, s, rt.device, batch_size, train=False, workers=workers)
+        batches = make_batches(bundle, s, rt.device, batch_size, train=False, workers=workers, shard=True)
         views = f" (TTA x{len(augment.tta_view_names())})" if tta else ""
         logits, labels = predict_logits(model, batches, augment, rt, tta=tta, desc=f"evaluating {s}{views}")
         out[s] = classification_metrics(logits.numpy(), labels.numpy(), list(bundle.class_names))

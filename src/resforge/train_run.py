@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from resforge import __version__
+from resforge import distributed as D
 from resforge import ood
 from resforge.checkpoint import add_to_sidecars, save_checkpoint, save_state
 from resforge.config import RunConfig, load_config
@@ -31,6 +32,7 @@ from resforge.training.budget import plan_epochs
 from resforge.training.device import Runtime
 from resforge.training.health import diagnose, format_warnings
 from resforge.training.loop import fit, soft_cross_entropy
+from resforge.training.optim import batch_scale
 from resforge.training.probes import train_eval_batches
 
 
@@ -50,15 +52,21 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
 
     resume: a run folder interrupted earlier; its saved config and splits are used and
     training continues from its last completed epoch, with the same result as an
-    uninterrupted run in deterministic mode."""
-    run_dir, snap, manifest = None, None, None
+    uninterrupted run in deterministic mode.
+
+    Under torchrun (several processes) every rank calls this; rank 0 writes the run folder. After
+    a torchrun restart (--max-restarts) the job's first run folder is resumed (distributed.recall)."""
+    run_dir, snap, manifest, rt = None, None, None, None
+    if resume is None:
+        cfg = config or load_config(recipe, overrides)
+        rt = start_runtime(cfg, distributed=True)          # joins torchrun's process group, if any
+        resume = D.recall(cfg.train.project)
+        overrides = None if resume is not None else overrides    # a restart: the saved config as it is
     if resume is not None:
         run_dir = Path(resume)
         saved, manifest, snap = open_for_resume(run_dir)   # sweeps a killed session's temporaries
         cfg = load_config(None, overrides, base=saved)
-    else:
-        cfg = config or load_config(recipe, overrides)
-    rt = start_runtime(cfg)
+        rt = start_runtime(cfg, distributed=True)
     bundle, manifest = prepare_data(cfg, manifest)
     model, model_kwargs, pre = build_model(cfg, len(bundle.class_names), bundle.channels)
     mean, std = normalisation(pre, bundle)
@@ -70,18 +78,23 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     teb = train_eval_batches(bundle, cfg.train.eval_train, rt.device, cfg.train.eval_batch_size, cfg.data.workers)
     if cfg.train.fit_budget and snap is None:
         cfg = _fit_budget(cfg, model, tb, [vb, teb], augment, rt)
-    if run_dir is None:
-        run_dir = new_run_dir(cfg.train.project, cfg.train.name or default_run_name(cfg.model.name, bundle.name))
+    if run_dir is None:                # rank 0 creates it, the others are told which
+        run_dir = D.broadcast_object(new_run_dir(cfg.train.project, cfg.train.name or default_run_name(
+            cfg.model.name, bundle.name)) if is_main_process() else None)
+        D.remember(cfg.train.project, run_dir)
     meta = {"model": {"name": cfg.model.name, "num_classes": len(bundle.class_names),
                       "in_chans": bundle.channels, "kwargs": model_kwargs},
             "class_names": list(bundle.class_names), "input_size": [bundle.channels, *bundle.image_size],
             "mean": mean, "std": std, "config": cfg.to_dict(), "split_hash": manifest["hash"],
             "data": {"source": bundle.name, "fingerprint": bundle.fingerprint}}
+    if D.active():
+        meta["distributed"] = distributed_record(cfg)
     if is_main_process() and snap is None:
         write_run_files(run_dir, cfg, manifest, bundle)
     say(f"resforge {__version__}: {cfg.model.name} on {bundle.name} "
         f"({_split_sizes(bundle)}; {len(bundle.class_names)} classes; "
-        f"{bundle.channels}x{bundle.image_size[0]}x{bundle.image_size[1]}) on {rt.describe()} -> {run_dir}")
+        f"{bundle.channels}x{bundle.image_size[0]}x{bundle.image_size[1]}) on {rt.describe()}"
+        f"{', ' + D.describe() if D.active() else ''} -> {run_dir}")
     if bundle.rejected:
         say(f"  {len(bundle.rejected)} files rejected (listed in {run_dir / 'report.md'})")
     try:
@@ -92,12 +105,23 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
                                   cfg.train.eval_batch_size, cfg.data.workers, keep_logits=kept)
         if is_main_process():
             _finish_run(run_dir, meta, results, bundle, result, cfg, augment, kept)
+        D.barrier()                    # no rank exits (and ends the job) before rank 0 has written
+        D.forget(cfg.train.project)
     except KeyboardInterrupt:
         if is_main_process():      # the last completed epoch is saved: say how to go on from it
             print(f"\ninterrupted; to continue this run: resforge train --resume {shlex.quote(str(run_dir))}",
                   file=sys.stderr, flush=True)
         raise
     return TrainRun(run_dir, cfg, result.model, meta, results, result.train_seconds)
+
+
+def distributed_record(cfg: RunConfig) -> dict:
+    """What a distributed run was: processes, backend, how the global batch was cut, the rate used."""
+    share = cfg.train.batch_size // D.world_size()
+    return {"world_size": D.world_size(), "backend": D.backend(), "global_batch": cfg.train.batch_size,
+            "per_process_batch": share, "accumulate": cfg.train.accumulate,
+            "micro_batch": share // cfg.train.accumulate, "sync_bn": cfg.train.sync_bn,
+            "lr": cfg.optim.lr * batch_scale(cfg.optim, cfg.train.batch_size), "lr_scaling": cfg.optim.lr_scaling}
 
 
 def _checkpointer(run_dir: Path, base_meta: dict):
@@ -141,6 +165,8 @@ def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cf
     if cfg.eval.tta:
         extra["tta"] = tta_record(augment, "the run's aug config")
     extra["ood"] = ood.summary(record, kept)
+    if "distributed" in meta:
+        extra["distributed"] = meta["distributed"]
     say(ood.describe(extra["ood"]))
     extra["warnings"] = diagnose(fit_result.state.history, len(bundle.class_names), results,
                                  data=cfg.data.source, lr=cfg.optim.lr)

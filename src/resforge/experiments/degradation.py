@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from resforge import train_run
+from resforge.distributed import refuse
 from resforge.checkpoint import atomic_write_text
 from resforge.config import load_config
 from resforge.experiments.degradation_results import FAMILIES, comparable, summarise, write_outputs
@@ -185,6 +186,7 @@ def run_degradation(depths=(20, 56), seeds=(0,), *, recipe: str = DEFAULT_RECIPE
     jobs > 1 trains that many runs at once, in this process and jobs - 1 helper processes, with
     cores // jobs threads each (on 2 cores, 2 jobs do 1.2-1.3x the work of 1, see docs/degradation.md).
     Returns the summary also saved as degradation.json."""
+    refuse("resforge experiment degradation")        # its runs share the CPU by --jobs, not by torchrun
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if train_fn is None:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from resforge import distributed as D
 from resforge.config import OptimConfig, TrainConfig
 from resforge.data.augment import Augmenter
 from resforge.data.loader import epoch_generator
@@ -60,17 +60,8 @@ def plan_epochs(budget: float, model: nn.Module, train_batches, eval_batches: li
         per_image = _time_eval(probe, evals, augment, rt)
     eval_s = sum(b.num_images for b in evals) * per_image / train_cfg.val_every
     epoch_s = len(train_batches) * step_s + eval_s
-    epochs = _agree(max(1, math.floor(MARGIN * budget / epoch_s)), rt.device)
+    epochs = D.agree_min(max(1, math.floor(MARGIN * budget / epoch_s)))   # every rank runs one schedule
     return BudgetPlan(epochs, step_s, eval_s, epoch_s)
-
-
-def _agree(epochs: int, device: torch.device) -> int:
-    """Under torch.distributed every rank must run the same schedule: the slowest rank's count."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return epochs
-    t = torch.tensor([epochs], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
 
 
 def _time_steps(model: nn.Module, batches, augment: Augmenter, rt: Runtime, optim_cfg: OptimConfig,
@@ -86,7 +77,8 @@ def _time_steps(model: nn.Module, batches, augment: Augmenter, rt: Runtime, opti
     times, state = [], FitState()
     t = time.perf_counter()
     for batch in itertools.islice(it, WARMUP + STEPS):
-        updater.step(model, forward_loss(model, batch, augment, rt, loss_fn, 0, g)[2], state)
+        updater.backward(forward_loss(model, batch, augment, rt, loss_fn, 0, g)[2])
+        updater.step(model, state)
         _sync(rt)
         now = time.perf_counter()
         times.append(now - t)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from resforge.distributed import refuse
 from resforge.training.device_names import DEVICE_FORMS, one_device, parse_device  # noqa: F401
 
 
@@ -155,9 +156,13 @@ def select_precision(device: torch.device, pref: str = "auto") -> torch.dtype | 
 
 
 def make_runtime(device: str = "auto", precision: str = "auto", channels_last: bool = True,
-                 threads: int | None = None) -> Runtime:
+                 threads: int | None = None, distributed: bool = False) -> Runtime:
     """Every command's runtime: device (see parse_device), precision, layout and CPU threads
-    (a count, or None = auto, see choose_threads), applied process-wide here."""
+    (a count, or None = auto, see choose_threads), applied process-wide here. A process that
+    torchrun started as one of several is refused unless the caller runs `distributed`
+    (pipeline.start_runtime): a command that cannot share its work must not run as N copies."""
+    if not distributed:
+        refuse("this command")
     dev = select_device(device)
     return Runtime(dev, select_precision(dev, precision), channels_last, apply_threads(threads))
 

@@ -2,14 +2,17 @@
 
 `fit` owns validation, early stopping, checkpointing and resume; everything it needs comes in
 as arguments (no global state), so fine-tuning policies compose it (freeze -> fit ->
-unfreeze -> fit) instead of copying it, and it runs unchanged under DDP (only rank 0 writes).
+unfreeze -> fit) instead of copying it. Under torch.distributed (resforge/distributed.py) the
+steps run through DistributedDataParallel on each rank's share of the global batch, evaluation
+gathers every rank's logits, and only rank 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from resforge import distributed as D
 from resforge import progress as P
 from resforge.config import OptimConfig, TrainConfig
 from resforge.data.augment import Augmenter
@@ -26,7 +30,7 @@ from resforge.training.device import Runtime
 from resforge.training import health
 from resforge.training.ema import EMA
 from resforge.training.lookahead import Lookahead
-from resforge.training.optim import build_optimizer, build_scheduler, param_groups, short_run_scale
+from resforge.training.optim import batch_scale, build_optimizer, build_scheduler, param_groups, short_run_scale
 from resforge.training.probes import GradNormMeter, prefixed_metrics
 
 
@@ -64,13 +68,14 @@ class Updater:
     grad_meter: GradNormMeter | None = None
     ema: EMA | None = None
 
-    def step(self, model: nn.Module, loss: torch.Tensor, state: FitState) -> None:
-        self.opt.zero_grad(set_to_none=True)
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add d(loss)/d(weights) to the gradients (several calls accumulate micro-batches)."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, model: nn.Module, state: FitState) -> None:
+        """One optimiser step on the accumulated gradients, then clear them."""
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.opt)         # clip and measure true gradients
-        else:
-            loss.backward()
         if self.grad_meter is not None:            # raw (unclipped) per-stage norms
             self.grad_meter.update()
         if self.clip_grad:
@@ -81,6 +86,7 @@ class Updater:
         else:
             self.opt.step()
         self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
         state.step += 1
         if self.ema is not None:
             self.ema.update(model, state.step)
@@ -104,9 +110,13 @@ def forward_loss(model: nn.Module, batch, augment: Augmenter, rt: Runtime, loss_
 
 def train_one_epoch(model: nn.Module, batches, augment: Augmenter, updater: Updater, rt: Runtime,
                     loss_fn: Callable, *, epoch: int, seed: int, state: FitState,
-                    progress: bool = True, desc: str = "", batch_loss: Callable | None = None) -> dict:
+                    progress: bool = True, desc: str = "", batch_loss: Callable | None = None,
+                    accumulate: int = 1) -> dict:
     """One pass over `batches`: augment on the device, forward, loss, update. -> epoch statistics
-    (train_loss, train_acc, images, seconds, and grad_norm_<stage> when the updater measures them)."""
+    (train_loss, train_acc, images, seconds, and grad_norm_<stage> when the updater measures them),
+    over every rank's images when the batches are sharded (torch.distributed).
+    accumulate: each batch is cut into this many micro-batches whose gradients add up to one step
+    (the same update in less memory; under DDP only the last one all-reduces)."""
     model.train()
     g = epoch_generator(seed, epoch, rt.device)
     total_loss = torch.zeros((), device=rt.device)
@@ -114,18 +124,27 @@ def train_one_epoch(model: nn.Module, batches, augment: Augmenter, updater: Upda
     seen, t0 = 0, time.perf_counter()
     bar = P.Bar(batches.batches(g), total=len(batches), desc=desc, unit="batch", enabled=progress,
                 announce=False)                 # off a terminal the epoch lines are the log
-    for i, (x_u8, y, idx) in enumerate(bar):
-        logits, target, loss = forward_loss(model, (x_u8, y, idx), augment, rt, loss_fn, epoch, g, batch_loss)
-        updater.step(model, loss, state)
-        # Accumulate on device: no host sync per step (it would stall a GPU pipeline).
-        hard = target if target.ndim == 1 else target.argmax(1)
-        total_loss += loss.detach() * len(y)
-        correct += (logits.argmax(1) == hard).sum()
-        seen += len(y)
+    for i, batch in enumerate(bar):
+        n = len(batch[1])
+        micro = list(zip(*(t.chunk(accumulate) for t in batch))) if accumulate > 1 else [batch]
+        for j, part in enumerate(micro):
+            sync = j == len(micro) - 1 or not hasattr(model, "no_sync")   # DDP: all-reduce once a step
+            with contextlib.nullcontext() if sync else model.no_sync():
+                logits, target, loss = forward_loss(model, part, augment, rt, loss_fn, epoch, g, batch_loss)
+                updater.backward(loss * (len(part[1]) / n))            # mean over the whole batch
+            # Accumulate on device: no host sync per step (it would stall a GPU pipeline).
+            hard = target if target.ndim == 1 else target.argmax(1)
+            total_loss += loss.detach() * len(part[1])
+            correct += (logits.argmax(1) == hard).sum()
+        updater.step(model, state)
+        seen += n
         if i % 10 == 0 and bar.disable is False:
             bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}")
     bar.close()
+    if getattr(batches, "sharded", False):      # every rank's images: the loss one process would report
+        total_loss, correct, seen_t = D.all_sum(total_loss, correct, torch.tensor(float(seen), device=rt.device))
+        seen = int(seen_t.item())
     seconds = time.perf_counter() - t0
     if seen == 0:
         raise ValueError("the training split produced no batch: it is empty or smaller than one batch")
@@ -151,7 +170,10 @@ def predict_logits(model: nn.Module, batches, augment: Augmenter, rt: Runtime,
             outs.append(logits.cpu())
             labels.append(y.cpu())
             bar.update(len(y))
-    return torch.cat(outs), torch.cat(labels)
+    logits, labels = torch.cat(outs), torch.cat(labels)
+    if getattr(batches, "sharded", False):      # every rank's slice, in the split's order
+        logits, labels = D.gather_rows(logits), D.gather_rows(labels)
+    return logits, labels
 
 
 BN_RECALIBRATE_STEPS = 1000        # train.bn_recalibrate=auto: fits with fewer optimiser steps are recalibrated
@@ -205,6 +227,9 @@ def recalibrate_bn(model: nn.Module, batches, augment: Augmenter, rt: Runtime, *
         for m, momentum in momenta.items():
             m.momentum = momentum
         model.eval()
+    if getattr(batches, "sharded", False):      # each rank saw its shard: statistics of them all
+        D.average_bn_statistics([m for m in bns if m in started])
+        seen = int(D.all_sum(torch.tensor(float(seen)))[0].item())
     return seen if started else 0
 
 
@@ -251,7 +276,15 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
     every epoch's row; train_cfg.grad_norms adds grad_norm_<stage> (probes.py).
     batch_loss(logits, target, x, batch): a training loss that needs more than (logits, target)
     (see forward_loss); train_batches may be any object with batches(g), __len__ and num_images,
-    e.g. one that mixes replayed images into every batch (continual/methods.py)."""
+    e.g. one that mixes replayed images into every batch (continual/methods.py).
+    Under torch.distributed (train_batches sharded) the steps run through DistributedDataParallel."""
+    if optim_cfg.lr_scaling != "none":
+        k = batch_scale(optim_cfg, train_cfg.batch_size)
+        if resume is None:
+            _log(f"{desc}optim.lr_scaling={optim_cfg.lr_scaling}: peak rate {optim_cfg.lr:g} x {k:.4g} = "
+                 f"{optim_cfg.lr * k:.4g} for the global batch {train_cfg.batch_size} "
+                 f"(optim.lr_base_batch={optim_cfg.lr_base_batch})")
+        optim_cfg = replace(optim_cfg, lr=optim_cfg.lr * k)
     groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_norm_bias, lr_scale)
     opt = build_optimizer(groups, optim_cfg)
     sched = build_scheduler(opt, optim_cfg, train_cfg.epochs, len(train_batches))
@@ -269,7 +302,13 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
         state, best_weights = _restore(resume, model, opt, sched, ema, scaler, lookahead)
     if metrics_log is not None:                # rows past the restored epoch (a restart: all) are a killed session's
         metrics_log.truncate(state.epoch)
-    step_model = torch.compile(model) if train_cfg.compile else model
+    step_model = model
+    if getattr(train_batches, "sharded", False):
+        D.shard_check(train_cfg.batch_size, train_cfg.accumulate)
+        step_model = D.wrap(model, rt.device, train_cfg.sync_bn)
+    elif train_cfg.sync_bn and D.launched():
+        raise D.DistributedError("train.sync_bn=true: this fit's batches are not split over the processes")
+    step_model = torch.compile(step_model) if train_cfg.compile else step_model
     loss_fn = loss_fn or soft_cross_entropy(optim_cfg.label_smoothing)
     updater = Updater(opt, sched, scaler, optim_cfg.clip_grad,
                       GradNormMeter(model) if train_cfg.grad_norms else None, ema)
@@ -279,12 +318,15 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
     for epoch in range(state.epoch, train_cfg.epochs):
         stats = train_one_epoch(step_model, train_batches, augment, updater, rt, loss_fn,
                                 epoch=epoch, seed=train_cfg.seed, state=state, progress=train_cfg.progress,
-                                desc=f"{desc}epoch {epoch + 1}/{train_cfg.epochs}", batch_loss=batch_loss)
+                                desc=f"{desc}epoch {epoch + 1}/{train_cfg.epochs}", batch_loss=batch_loss,
+                                accumulate=train_cfg.accumulate)
         state.seconds, state.timed_epochs = time.perf_counter() - t0, state.timed_epochs + 1
-        out_of_time = _out_of_time(train_cfg.max_seconds, state.seconds, state.timed_epochs)
+        # every rank must stop after the same epoch: the first one out of time stops them all
+        out_of_time = D.agree_any(_out_of_time(train_cfg.max_seconds, state.seconds, state.timed_epochs))
         if lookahead is not None and (out_of_time or epoch + 1 == train_cfg.epochs):
             lookahead.finish(model)            # the model evaluated and saved is the slow one
         eval_model = ema.module if ema is not None else model
+        D.settle(eval_model)                   # BN statistics of every rank's images: one model on all ranks
         row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0],
                "train_loss": stats["train_loss"], "train_acc": stats["train_acc"]}
         if train_eval_batches is not None:

@@ -95,6 +95,14 @@ def milestone_step(m: float, unit: str, total: int, steps_per_epoch: int) -> flo
     return {"fraction": m * total, "epoch": m * steps_per_epoch, "step": m}[unit]
 
 
+def batch_scale(cfg: OptimConfig, batch_size: int) -> float:
+    """optim.lr_scaling's multiplier of the peak rate for a global batch of `batch_size`: the linear
+    rule (Goyal et al. 2017: k times the batch, k times the rate), its square root (adaptive
+    optimisers), or 1."""
+    k = batch_size / cfg.lr_base_batch
+    return {"none": 1.0, "linear": k, "sqrt": k ** 0.5}[cfg.lr_scaling]
+
+
 def short_run_scale(cfg: OptimConfig, total_steps: int) -> float:
     """Peak-rate multiplier of a fit with `total_steps` optimiser steps: total / optim.full_lr_steps
     below it (a short run cannot recover from a high rate's early blow-up), else 1."""
