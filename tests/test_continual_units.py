@@ -173,3 +173,17 @@ def test_replay_batches_append_buffer_rows_that_losses_can_find():
     shifted = torch.zeros(5, 3)
     shifted[3:, :] = 1.0                  # replayed rows 1 away from their stored (zero) logits
     assert torch.allclose(with_mse(shifted, target, None, (x, y, idx)) - ce(shifted[:3], target[:3]), torch.tensor(1.0))
+
+
+def test_classes_declared_without_any_image_are_not_counted_as_too_few():
+    """An .npz of task 2 with labels 5..9 and no class_names declares '0'..'9'; the empty 0..4 are not
+    classes it brings (they match the old ones by name), but a class with one image still is refused."""
+    from types import SimpleNamespace as NS
+    import numpy as np
+    from resforge.continual.update import _few
+    names = [str(i) for i in range(10)]
+    b = NS(class_names=names, splits={"train": NS(labels=np.repeat(np.arange(5, 10), 4)),
+                                      "test": NS(labels=np.arange(5, 10))})
+    assert _few(b, "train", 2) == []
+    b.splits["test"] = NS(labels=np.array([0, 5]))           # '0' has a test image but no training image
+    assert _few(b, "train", 2) == [("0", 0)]

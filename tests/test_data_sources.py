@@ -78,8 +78,21 @@ def test_npz_bad_labels_clear_errors(tmp_path, tmp_cache, labels, extra, needle)
 
 
 def test_npz_without_image_keys(tmp_path, tmp_cache):
-    with pytest.raises(ValueError, match="train_images"):
+    with pytest.raises(ValueError, match="train_images.*x/y, X/y, images/labels"):
         load_source(write_npz(tmp_path / "x.npz", images=np.zeros((2, 2, 2), np.uint8)))
+
+
+@pytest.mark.parametrize("keys", [("x", "y"), ("X", "y"), ("images", "labels")])
+def test_npz_one_pool_channels_first_is_split_like_a_folder(tmp_path, tmp_cache, keys):
+    """x/y as most tutorials save them, channels first: one pool, val and test carved from it."""
+    imgs = RNG.integers(0, 256, (60, 3, 6, 5), dtype=np.uint8)              # (N, C, H, W)
+    labels = np.arange(60) % 3
+    b = load_source(write_npz(tmp_path / "pool.npz", **{keys[0]: imgs, keys[1]: labels}))
+    assert b.channels == 3 and b.image_size == (6, 5) and b.class_names == ["0", "1", "2"]
+    assert np.array_equal(b.splits["train"].images[0], imgs[0])
+    from resforge.data import make_splits
+    split, _ = make_splits(b, 0.1, 0)
+    assert {s: len(sp.labels) for s, sp in split.splits.items() if len(sp.labels)}.keys() == {"train", "val", "test"}
 
 
 # ---------------------------------------------------------------- CIFAR (synthetic)

@@ -124,9 +124,13 @@ def _check_new_data(bundle, cfg: RunConfig, meta: dict, source: str) -> None:
 
 
 def _few(bundle, split: str, least: int) -> list[tuple[str, int]]:
+    """Classes with fewer than `least` images in `split`; a class with no image in any split is only
+    declared (an .npz whose labels skip it, e.g. a second task's 5..9), not brought: not listed."""
+    k = len(bundle.class_names)
     labels = bundle.splits[split].labels if split in bundle.splits else np.zeros(0, np.int64)
-    counts = np.bincount(labels, minlength=len(bundle.class_names))
-    return [(bundle.class_names[i], int(n)) for i, n in enumerate(counts) if n < least]
+    counts = np.bincount(labels, minlength=k)
+    anywhere = sum(np.bincount(sp.labels, minlength=k) for sp in bundle.splits.values())
+    return [(bundle.class_names[i], int(n)) for i, n in enumerate(counts) if n < least and anywhere[i] > 0]
 
 
 def _explain_tiny(cfg: RunConfig) -> None:

@@ -39,26 +39,44 @@ def _split(images, labels, idx, prefix) -> dict:
             "ids": [f"{prefix}:{i}" for i in idx], "files": None}
 
 
+# One pool of images with no split of its own (the val and test splits are then carved from it,
+# stratified): the array pairs that libraries and tutorials save most often.
+POOLS = (("x", "y"), ("X", "y"), ("images", "labels"))
+
+
+def npz_keys(headers) -> dict[str, tuple[str, str]]:
+    """{split: (images key, labels key)}: {train,val,test}_images/_labels, else one pool (POOLS) as train."""
+    keys = {s: (f"{s}_images", f"{s}_labels") for s in SPLITS if f"{s}_images" in headers}
+    if not keys:
+        pool = next(((i, l) for i, l in POOLS if i in headers and l in headers
+                     and headers[l][1].kind in "iub"), None)
+        keys = {"train": pool} if pool else {}
+    return keys
+
+
 def npz_parts(path: Path, limits: DataLimits | None = None) -> dict:
-    """{train,val,test}_images (N,H,W) or (N,H,W,C) uint8 + {split}_labels (N,) or (N,1).
+    """{train,val,test}_images + {split}_labels, or one pool (x/y, X/y, images/labels: carved into
+    train/val/test): images (N,H,W), (N,H,W,C) or (N,C,H,W) with C = 1 or 3, uint8 (or integers in
+    0..255); labels (N,) or (N,1) class indices; optional class_names.
 
     Every array's declared shape and dtype are read from its .npy header and checked against
     the limits before anything is allocated; a damaged archive is one sentence naming the file.
     """
     limits = limits or DataLimits.from_env()
     headers = _npz_headers(path)
-    present = [s for s in SPLITS if f"{s}_images" in headers]
-    if not present:
-        raise ValueError(f"{path}: no 'train_images'/'val_images'/'test_images' key "
-                         f"(keys: {sorted(headers)}); save arrays under those names")
-    _check_declared(headers, present, path, limits)
+    keys = npz_keys(headers)
+    if not keys:
+        raise ValueError(f"{path}: no 'train_images'/'val_images'/'test_images' key and no image/label pair "
+                         f"({', '.join(f'{i}/{l}' for i, l in POOLS)}) (keys: {sorted(headers)}); save arrays "
+                         "under those names")
+    _check_declared(headers, keys, path, limits)
     try:
         npz = np.load(path, allow_pickle=False)  # never unpickle objects from a data file
     except (*_ZIP_ERRORS, ValueError) as e:
         raise _damaged(path, e) from None
     with npz:
-        names = _npz_class_names(npz, path)
-        splits = {s: _npz_split(npz, s, path) for s in present}
+        names = _npz_class_names(npz, path, skip={l for _, l in keys.values()})
+        splits = {s: _npz_split(npz, s, path, *k) for s, k in keys.items()}
     k = _num_classes(splits, names, path, limits)
     for s, p in splits.items():
         _check_labels(p["labels"], k, f"{path}: '{s}_labels'",
@@ -95,29 +113,31 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple, np.dtype]]:
     return out
 
 
-def _check_declared(headers: dict, present: list[str], path: Path, limits: DataLimits) -> None:
+def _check_declared(headers: dict, keys: dict, path: Path, limits: DataLimits) -> None:
     """Refuse absurd or zero-size declared shapes and data sets larger than the byte limit."""
     total = 0
-    for s in present:
-        for key in (f"{s}_images", f"{s}_labels"):
+    for ikey, lkey in keys.values():
+        for key in (ikey, lkey):
             if key not in headers:
                 continue
             shape, dtype = headers[key]
             if dtype.hasobject:
                 continue  # refused with its own sentence when read (no pickle)
-            if key.endswith("_images") and len(shape) in (3, 4) and (shape[1] == 0 or shape[2] == 0):
+            hw = _hw(shape)
+            if key == ikey and hw is not None and 0 in hw:
                 raise ValueError(f"{path}: '{key}' has shape {shape}: images of zero size "
-                                 f"{shape[1]}x{shape[2]}; every image needs at least 1x1 pixels")
-            if key.endswith("_images") and len(shape) in (3, 4):
-                limits.check_side(shape[1:3], f"{path}: '{key}'")
+                                 f"{hw[0]}x{hw[1]}; every image needs at least 1x1 pixels")
+            if key == ikey and hw is not None:
+                limits.check_side(hw, f"{path}: '{key}'")
             total += math.prod(shape) * dtype.itemsize
+    labels = {lkey for _, lkey in keys.values()}
     for key in ("class_names", "labels"):  # class-name arrays: K strings
-        if key in headers:
+        if key in headers and key not in labels:
             limits.check_classes(math.prod(headers[key][0]), f"{path}: '{key}'")
             total += math.prod(headers[key][0]) * headers[key][1].itemsize
     limits.check_bytes(total, f"{path}: the arrays it declares (shapes "
-                       + ", ".join(f"{k} {headers[k][0]}" for s in present for k in
-                                   (f"{s}_images", f"{s}_labels") if k in headers) + ")")
+                       + ", ".join(f"{k} {headers[k][0]}" for s in keys for k in
+                                   keys[s] if k in headers) + ")")
 
 
 def _num_classes(splits: dict, names: list[str] | None, path: Path, limits: DataLimits) -> int:
@@ -147,9 +167,23 @@ def _num_classes(splits: dict, names: list[str] | None, path: Path, limits: Data
     return k
 
 
-def _npz_class_names(npz, path) -> list[str] | None:
+def _hw(shape: tuple) -> tuple[int, int] | None:
+    """(H, W) of an image stack's declared shape: (N,H,W), (N,H,W,C), or (N,C,H,W) when only the
+    second axis can be channels (C = 1 or 3 there, not last)."""
+    if len(shape) == 3:
+        return shape[1], shape[2]
+    if len(shape) == 4:
+        return (shape[2], shape[3]) if _channels_first(shape) else (shape[1], shape[2])
+    return None
+
+
+def _channels_first(shape: tuple) -> bool:
+    return len(shape) == 4 and shape[1] in (1, 3) and shape[3] not in (1, 3)
+
+
+def _npz_class_names(npz, path, skip: set[str] = frozenset()) -> list[str] | None:
     for key in ("class_names", "labels"):
-        if key in npz.files:
+        if key in npz.files and key not in skip:
             arr = _get(npz, key, path, "store class names as a string array, e.g. "
                                           "np.array(names, dtype=str)")
             if arr.dtype.kind not in "US":
@@ -171,19 +205,21 @@ def _get(npz, key: str, path, fix: str = "save it as a numeric array") -> np.nda
         raise _damaged(path, e) from None
 
 
-def _npz_split(npz, split: str, path) -> dict:
-    images, lkey = _get(npz, f"{split}_images", path), f"{split}_labels"
+def _npz_split(npz, split: str, path, ikey: str, lkey: str) -> dict:
+    images = _get(npz, ikey, path)
     if lkey not in npz.files:
-        raise ValueError(f"{path}: has '{split}_images' but no '{lkey}'")
+        raise ValueError(f"{path}: has '{ikey}' but no '{lkey}'")
     labels = _int_labels(_get(npz, lkey, path), f"{path}: '{lkey}'")
-    images = _uint8_images(images, f"{path}: '{split}_images'")
+    images = _uint8_images(images, f"{path}: '{ikey}'")
     if images.ndim == 3:
         images = images[..., None]                       # (N, H, W) -> (N, H, W, 1)
+    elif _channels_first(images.shape):
+        images = images.transpose(0, 2, 3, 1)            # (N, C, H, W) -> (N, H, W, C)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{path}: '{split}_images' has shape {images.shape}; "
-                         "expected (N, H, W) or (N, H, W, C) with C = 1 or 3")
+        raise ValueError(f"{path}: '{ikey}' has shape {images.shape}; "
+                         "expected (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3")
     if len(images) != len(labels):
-        raise ValueError(f"{path}: {len(images)} '{split}_images' but {len(labels)} '{lkey}'")
+        raise ValueError(f"{path}: {len(images)} '{ikey}' but {len(labels)} '{lkey}'")
     nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     return {"images": nchw, "labels": labels, "ids": [f"{split}:{i}" for i in range(len(labels))],
             "files": None}
