@@ -138,3 +138,17 @@ def test_third_party_stem_with_too_many_channels_is_refused(tmp_path):
     save_file(create_model("resnet20", in_chans=65).state_dict(), str(path))
     with pytest.raises(ArtifactError, match="wide.safetensors: conv1.weight takes 65 input channels, outside 1..64"):
         read_weights_file(path)
+
+
+def test_a_run_no_update_has_versioned_is_its_own_v1(tmp_path):
+    """RUN@v1 / RUN@latest before the first update (which registers the run as v1) is the run
+    folder; a run trained without a validation split has only weights/last.safetensors."""
+    from resforge.weightfile import resolve_weights, version_folder
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    save_checkpoint(run / "weights" / "last", create_model("resnet20", num_classes=3, in_chans=1), META)
+    (run / "config.json").write_text("{}")
+    assert version_folder(f"{run}@v1") == run and version_folder(f"{run}@latest") == run
+    assert resolve_weights(f"{run}@v1") == run / "weights" / "last.safetensors"
+    with pytest.raises(FileNotFoundError, match="no model version v2"):
+        version_folder(f"{run}@v2")

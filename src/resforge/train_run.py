@@ -33,6 +33,7 @@ from resforge.training.device import Runtime
 from resforge.training.health import diagnose, format_warnings
 from resforge.training.loop import fit, soft_cross_entropy
 from resforge.training.optim import batch_scale
+from resforge.weightfile import resolve_weights
 from resforge.training.probes import train_eval_batches
 
 
@@ -177,7 +178,7 @@ def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cf
                          label_smoothing=cfg.optim.label_smoothing)
     summary = "  ".join(f"{s} top1 {r['top1']:.4f}" for s, r in results.items())
     say(f"done in {fit_result.train_seconds:.1f}s: {summary}\nreport: {run_dir / 'report.md'}\n"
-        f"weights: {run_dir / 'weights' / 'best.safetensors'}")
+        f"weights: {resolve_weights(run_dir)}")
 
 
 def _split_sizes(bundle) -> str:

@@ -61,11 +61,15 @@ VERSION_REF = re.compile(r"(.+)@(v[1-9][0-9]{0,5}|latest)")       # RUN@v3, RUN@
 
 def version_folder(source: str | Path) -> Path | None:
     """RUN@vN -> RUN/versions/vN, RUN@latest -> the run's newest version (continual/versions.py
-    lays them out); None when `source` is not of that form (or is an existing path)."""
+    lays them out); None when `source` is not of that form (or is an existing path). A run that no
+    update has versioned yet is its own v1 (the first update registers it as such): RUN@v1 and
+    RUN@latest are then the run folder."""
     m = VERSION_REF.fullmatch(str(source))
     if m is None or Path(source).exists():
         return None
     run, tag = Path(m.group(1)), m.group(2)
+    if tag in ("v1", "latest") and not (run / "versions").is_dir() and (run / "config.json").is_file():
+        return run
     if tag == "latest":
         root = run / "versions"
         numbers = sorted(int(p.name[1:]) for p in root.iterdir()
