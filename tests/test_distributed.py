@@ -132,15 +132,24 @@ def test_a_rank_killed_mid_epoch_restarts_and_the_job_resumes_from_its_checkpoin
     assert not [p for p in run.rglob("*.tmp")]
 
 
-def test_cli_nproc_2_on_the_embedded_set_writes_one_run_and_one_report(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "resforge", "train", "--nproc", "2", "--project", str(tmp_path),
-                           "train.epochs=1", "train.progress=false"], capture_output=True, text=True,
-                          timeout=240, env=_env(), cwd=tmp_path)
+def test_cli_nproc_2_on_the_embedded_set_writes_one_run_and_one_report_and_fine_tunes(tmp_path):
+    """`resforge train --nproc 2` on digits, then `resforge finetune --nproc 2` from it (the policy's
+    phases under DDP; the frozen layers' statistics, equal on both ranks, stay bit for bit)."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "resforge", *args, "train.progress=false"], capture_output=True,
+                              text=True, timeout=240, env=_env(), cwd=tmp_path)
+    proc = cli("train", "--nproc", "2", "--project", str(tmp_path / "train"), "train.epochs=1")
     _ok(proc)
-    run = _run_dir(tmp_path)
+    run = _run_dir(tmp_path / "train")
     assert sorted(p.name for p in tmp_path.rglob("report.json")) == ["report.json"]
     assert proc.stdout.count("report: ") == 1 and "2 processes (gloo)" in proc.stdout
     assert (run / "weights" / "best.safetensors").is_file()
+    proc = cli("finetune", "--nproc", "2", "--from", str(run), "--data", "digits", "--policy", "last-stages:1",
+               "train.epochs=1", f"train.project={tmp_path / 'ft'}")
+    _ok(proc)
+    ft = _run_dir(tmp_path / "ft")
+    assert proc.stdout.count("report: ") == 1 and (ft / "weights" / "best.safetensors").is_file()
+    assert json.loads((ft / "report.json").read_text())["test"]["n"] == 360
 
 
 # ---------------------------------------------------------------- one process
@@ -175,3 +184,10 @@ def test_one_process_helpers_are_the_identity():
     t = torch.arange(6).view(3, 2)
     assert D.gather_rows(t) is t and D.eval_slice(10) == (0, 10) and D.rank_share(torch.arange(4)).tolist() == [0, 1, 2, 3]
     assert D.agree_any(True) and D.agree_min(3) == 3 and D.broadcast_object("x") == "x"
+
+
+def test_cli_commands_other_than_train_and_finetune_refuse_under_torchrun(monkeypatch, capsys):
+    from resforge.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["predict", "runs/x", "a.png"]) == 2
+    assert "`resforge predict` runs in one process, but torchrun started 2 copies" in capsys.readouterr().err

@@ -80,12 +80,30 @@ def _train(a) -> int:
     # Resolved (and validated) before torch is imported: a bad value is reported at once.
     config = None if a.resume else load_config(recipe, overrides)
     a.writes_to = a.resume or (config.train.project if config else None)    # named by an OSError without a file
-    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:     # relaunch as N processes through torchrun's launcher
-        from resforge.distributed import launch
-        return launch(a.nproc, _without(a.argv, ("--nproc", "--max-restarts")), a.max_restarts)
+    if _distributed(a):
+        return _relaunch(a)
     from resforge import api
     api.train(None if a.resume else recipe, overrides, resume=a.resume, config=config)
     return 0
+
+
+def _add_nproc(p, what: str) -> None:
+    p.add_argument("--nproc", type=_count, default=1, metavar="N",
+                   help=f"{what} as N processes on this machine (DistributedDataParallel through torchrun's "
+                        "launcher; gloo on CPU, NCCL with one GPU each); train.batch_size stays the global batch")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --nproc: restart the processes up to K times if one dies")
+
+
+def _distributed(a) -> bool:
+    """--nproc N > 1, not yet inside one of the N processes."""
+    return a.nproc > 1 and "WORLD_SIZE" not in os.environ
+
+
+def _relaunch(a) -> int:
+    """This command again as a.nproc processes, through torchrun's launcher."""
+    from resforge.distributed import launch
+    return launch(a.nproc, _without(a.argv, ("--nproc", "--max-restarts")), a.max_restarts)
 
 
 def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
@@ -282,6 +300,8 @@ def _ft_overrides(a) -> list[str]:
 def _finetune(a) -> int:
     from resforge import api
     _check_weights_name(a.source, "--from", f"resforge {a.command} --from PATH, or model.pretrained=PATH")
+    if _distributed(a):
+        return _relaunch(a)
     api.finetune(a.source, data=a.data, policy=a.policy, recipe=a.recipe, overrides=_ft_overrides(a), model=a.model)
     return 0
 
@@ -304,6 +324,7 @@ def _add_finetune(sub) -> None:
                    help="run folder or local weights file to start from (required)")
     f.add_argument("--policy", default=None, help="linear-probe | last-stages:K | stages:A,B | full | gradual | bitfit | lora "
                                                   "(default: the recipe's finetune.policy)")
+    _add_nproc(f, "fine-tune")
     lr = sub.add_parser("lr-find", help="learning-rate range test: plot and suggested optim.lr",
                         description="Sweep the rate geometrically while training, record the loss, suggest a rate. "
                                     "With --from: for that fine-tuning policy's main phase; without: for the recipe's "
@@ -520,12 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"= {SHORTCUTS[k]} (default: the recipe's; see `resforge config`)")
     t.add_argument("--resume", default=None, metavar="RUN",
                    help="continue an interrupted run folder (default: start a new run)")
-    t.add_argument("--nproc", type=_count, default=1, metavar="N",
-                   help="train as N processes on this machine (DistributedDataParallel through torchrun's "
-                        "launcher; gloo on CPU, NCCL with one GPU each); train.batch_size stays the global batch")
-    t.add_argument("--max-restarts", type=int, default=0, metavar="K",
-                   help="with --nproc: restart the processes up to K times if one dies (they resume from the "
-                        "last checkpoint)")
+    _add_nproc(t, "train")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.set_defaults(fn=_train)
 
@@ -650,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     debug = getattr(args, "debug", False) or os.environ.get("RESFORGE_DEBUG", "") not in ("", "0")
     try:
+        if args.command not in ("train", "finetune") and "WORLD_SIZE" in os.environ:
+            from resforge.distributed import refuse    # one process only: not N copies under torchrun
+            refuse(f"`resforge {args.command}`")
         return args.fn(args)
     except BrokenPipeError:                        # `resforge predict ... | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -25,8 +25,8 @@ collective the training loop needs, so the loop itself reads as if it ran alone:
               of the first attempt is remembered per torchrun job (remember/recall) so the
               restarted command resumes from its last checkpoint instead of starting a new run.
 
-Only `resforge train` (and the Python train()) runs distributed; every other command refuses to
-run as N silent copies (refuse).
+`resforge train` and `resforge finetune` (and their Python functions) run distributed; every other
+command refuses to run as N silent copies (refuse).
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def refuse(command: str) -> None:
     if launched():
         raise DistributedError(
             f"{command} runs in one process, but torchrun started {os.environ.get('WORLD_SIZE')} copies of it "
-            "(WORLD_SIZE); run it without torchrun or --nproc (only `resforge train` trains distributed)")
+            "(WORLD_SIZE); run it without torchrun or --nproc (`resforge train` and `resforge finetune` run distributed)")
 
 
 def setup(device: str) -> str:
@@ -274,20 +274,26 @@ def settle(model: nn.Module) -> None:
 
 
 def average_bn_statistics(bns: list[nn.Module]) -> None:
-    """BatchNorm statistics re-estimated on each rank's equal shard -> those of the whole split:
-    mean = mean over ranks of the means, var = mean of (var + mean^2) - mean^2 (within-shard
-    variances plus the spread of the shard means)."""
+    """BatchNorm statistics gathered on each rank's equal shard -> those of the whole split:
+    mean = mean of the ranks' means; var = mean of the variances + the spread of the means around
+    that mean (the law of total variance). Statistics equal on every rank (a frozen layer) come
+    back bit for bit."""
     if not active():
         return
+    n = world_size()
     with torch.no_grad():
         for m in bns:
             mean, var = m.running_mean, m.running_var
-            x = torch.cat([mean, var + mean * mean]).to(_coll_device(mean.device)).float()
-            dist.all_reduce(x)
-            x = (x / world_size()).to(mean.device)
+            dev = _coll_device(mean.device)
+            mu = mean.to(dev).float().contiguous()
+            dist.all_reduce(mu)
+            mu /= n
+            spread = torch.cat([var.to(dev).float(), (mean.to(dev).float() - mu) ** 2])
+            dist.all_reduce(spread)
+            spread /= n
             k = len(mean)
-            mean.copy_(x[:k])
-            var.copy_((x[k:] - x[:k] * x[:k]).clamp(min=0))
+            mean.copy_(mu.to(mean.device))
+            var.copy_((spread[:k] + spread[k:]).to(var.device))
 
 
 # ---------------------------------------------------------------- elastic restarts

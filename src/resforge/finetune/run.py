@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from resforge import distributed as D
 from resforge import ood
 from resforge.config import RunConfig
 from resforge.finetune import policies as P
@@ -69,7 +70,8 @@ def finetune(source: str | Path, *, data: str | None = None, policy: str | None 
     cfg = resolve_config(recipe, overrides, data=data, policy=policy, source=source, config=config)
     s = build_setup(cfg, source, model)
     names = list(s.bundle.class_names)
-    run_dir = new_run_dir(cfg.train.project, cfg.train.name or _run_name(s, cfg))
+    run_dir = D.broadcast_object(new_run_dir(cfg.train.project, cfg.train.name or _run_name(s, cfg))
+                                 if is_main_process() else None)          # rank 0 creates it
     _write_run_files(run_dir, cfg, s)
     _announce(s, run_dir)
     log, t_all = MetricsLog(run_dir / "metrics.csv"), time.perf_counter()
@@ -86,6 +88,7 @@ def finetune(source: str | Path, *, data: str | None = None, policy: str | None 
     meta |= {"ood": record} if ood.fitted(record) else {}
     _save(run_dir, model, meta, rows, results, s, phases_done, time.perf_counter() - t_all, compare_seconds,
           ood_summary=ood.summary(record, kept))
+    D.barrier()                                   # no process ends the job before rank 0 has written
     return FinetuneRun(run_dir, cfg, model, meta, results, rows, phases_done, total)
 
 

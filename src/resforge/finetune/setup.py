@@ -63,7 +63,9 @@ def resolve_config(recipe=None, overrides=None, *, data=None, policy=None, sourc
 
 
 def build_setup(cfg: RunConfig, source, model_name: str | None) -> Setup:
-    rt = start_runtime(cfg)
+    # Distributed: the policy's fits run DDP over sharded batches; the feature passes before them
+    # (rows a/b, the probe, AdaBN) run whole in every process (same result everywhere, only rank 0 writes).
+    rt = start_runtime(cfg, distributed=True)
     pre = read_pretrained(source, model_name, cfg.finetune.source_classes)
     bundle, manifest = prepare_data(cfg)
     model, kwargs, notes = _model(cfg, pre, bundle)
