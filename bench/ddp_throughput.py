@@ -29,7 +29,8 @@ def run(nproc: int, threads: int, args, project: str) -> tuple[float, float]:
            f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", f"model.name={args.model}",
            "eval.splits=[val]", "train.bn_recalibrate=never"]
     if args.data != "digits":
-        cmd += ["--data", args.data, f"data.image_size={args.image_size}"]
+        cmd[4:4] = ["--data", args.data]          # options before the key=value list (argparse)
+        cmd.append(f"data.image_size={args.image_size}")
         if args.data_root:
             cmd.append(f"data.data_root={args.data_root}")
     if args.train_fraction:
