@@ -49,7 +49,7 @@ def base_run(tmp_path_factory):
     np.savez(root / "base7.npz", **arrays)
     for c, name in NEW.items():
         _write_pngs(root / "support" / name, s["train"]["images"][s["train"]["labels"] == c][:6])
-    cfg = load_config("digits", {"data.source": str(root / "base7.npz"), "data.image_size": 8, "train.epochs": 2,
+    cfg = load_config("digits", {"data.source": str(root / "base7.npz"), "data.image_size": 8, "train.epochs": 4,
                                  "train.project": str(root / "runs"), "train.name": "base", "train.progress": False,
                                  "data.cache_dir": str(root / "cache"), "train.threads": 1})
     run = api.train(config=cfg)
