@@ -188,22 +188,22 @@ def all_sum(*values: torch.Tensor) -> list[torch.Tensor]:
     return [x.to(dev) for x in t]
 
 
+def _reduce_int(value: int, op) -> int:
+    if not active():
+        return value
+    t = torch.tensor([int(value)], device=_coll_device())
+    dist.all_reduce(t, op=op)
+    return int(t.item())
+
+
 def agree_any(flag: bool) -> bool:
     """True on every rank when it is true on any (a stop decision must be the same everywhere)."""
-    if not active():
-        return flag
-    t = torch.tensor([int(flag)], device=_coll_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(_reduce_int(flag, dist.ReduceOp.MAX))
 
 
 def agree_min(value: int) -> int:
     """The smallest of the ranks' values, on every rank."""
-    if not active():
-        return value
-    t = torch.tensor([value], device=_coll_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    return _reduce_int(value, dist.ReduceOp.MIN)
 
 
 def broadcast_object(obj):

@@ -305,9 +305,7 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
     step_model = model
     if getattr(train_batches, "sharded", False):
         D.shard_check(train_cfg.batch_size, train_cfg.accumulate)
-        step_model = D.wrap(model, rt.device, train_cfg.sync_bn)
-    elif train_cfg.sync_bn and D.launched():
-        raise D.DistributedError("train.sync_bn=true: this fit's batches are not split over the processes")
+        step_model = D.wrap(model, rt.device, train_cfg.sync_bn)      # sync_bn: only where batches are split
     step_model = torch.compile(step_model) if train_cfg.compile else step_model
     loss_fn = loss_fn or soft_cross_entropy(optim_cfg.label_smoothing)
     updater = Updater(opt, sched, scaler, optim_cfg.clip_grad,
