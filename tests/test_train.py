@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 import resforge
 from resforge.checkpoint import load_for_inference, load_state, read_meta, save_checkpoint
 from resforge.config import OptimConfig
+from resforge.flops import count_flops
 from resforge.plots import read_metrics_csv
 from resforge.training.optim import lr_factor
 from resforge.weights import WeightsError
@@ -25,6 +27,10 @@ FAST = ["data.image_size=8", "train.epochs=4", "train.batch_size=128", "train.pr
 def _train(tmp_path, extra=(), name="run"):
     return resforge.train("digits", FAST + [f"train.project={tmp_path}", f"train.name={name}",
                                             f"data.cache_dir={tmp_path / 'cache'}", *extra])
+
+
+def run_split(run, split):
+    return json.loads((run.dir / "splits.json").read_text())["splits"][split]
 
 
 def test_train_writes_a_complete_self_describing_run(tmp_path):
@@ -40,6 +46,16 @@ def test_train_writes_a_complete_self_describing_run(tmp_path):
     assert meta["input_size"] == [1, 8, 8] and len(meta["mean"]) == 1
     assert meta["split_hash"] == json.loads((run.dir / "splits.json").read_text())["hash"]
     assert meta["config"]["train"]["epochs"] == 4
+    # what the training cost: FLOPs of the real model at the real input size, the clock columns' totals
+    rows, compute = read_metrics_csv(run.dir / "metrics.csv"), report["compute"]
+    per_image = count_flops(run.model, (1, 8, 8))
+    assert compute["input_size"] == [1, 8, 8] and compute["flops_per_train_image"] == per_image["train"] > 0
+    assert compute["train_images_seen"] == rows["images_seen"][-1] == 4 * (len(run_split(run, "train")) // 128) * 128
+    assert compute["train_flops"] == per_image["train"] * compute["train_images_seen"]
+    assert compute["eval_images"] == 4 * 144                 # the val split once per epoch
+    assert compute["train_seconds"] == pytest.approx(rows["train_seconds"][-1], abs=1e-3)
+    assert compute["achieved_flops_per_s"] == pytest.approx(compute["train_flops"] / compute["train_seconds"], rel=1e-3)
+    assert "## Compute" in (run.dir / "report.md").read_text()
     # a second run with the same name never overwrites the first
     assert _train(tmp_path).dir.name == "run-2"
 
@@ -170,7 +186,16 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
     report = json.loads((tmp_path / "killed" / "report.json").read_text())   # the clock spans both sessions
     assert report["timed_epochs"] == report["epochs_run"] == 5 and report["train_seconds"] > before["seconds"]
-    assert (tmp_path / "killed" / "metrics.csv").read_text() == (tmp_path / "full" / "metrics.csv").read_text()
+    # the metrics are those of the uninterrupted run; the clock columns carry on across the kill
+    killed, full = (read_metrics_csv(tmp_path / n / "metrics.csv") for n in ("killed", "full"))
+    clock = ("epoch_seconds", "wall_seconds", "train_seconds")
+    assert killed.keys() == full.keys() and set(clock) | {"images_seen"} <= killed.keys()
+    assert all(np.array_equal(killed[k], full[k]) for k in killed if k not in clock)
+    assert list(killed["images_seen"]) == [1280 * e for e in range(1, 6)]      # 40 batches of 32 per epoch
+    wall, passes, epoch_s = killed["wall_seconds"], killed["train_seconds"], killed["epoch_seconds"]
+    assert (np.diff(wall) > 0).all() and (np.diff(passes) > 0).all() and (passes <= wall).all()
+    assert np.allclose(np.cumsum(epoch_s), wall, rtol=1e-4)            # no epoch counted twice or lost
+    assert wall[-1] == pytest.approx(report["train_seconds"], abs=0.01)
     for tag in ("last", "best"):
         a = load_file(str(tmp_path / "full" / "weights" / f"{tag}.safetensors"))
         b = load_file(str(tmp_path / "killed" / "weights" / f"{tag}.safetensors"))

@@ -454,8 +454,8 @@ def validate_state(state: Any, source) -> dict:
         if key == "best":
             if value is not None and not _is_real(value):
                 c.fail("fit_state.best", f"must be a number, {_found(value)}")
-        elif key == "seconds":
-            c.real(value, "fit_state.seconds", 0.0, math.inf)
+        elif key in ("seconds", "pass_seconds"):
+            c.real(value, f"fit_state.{key}", 0.0, math.inf)
         elif key == "history":
             if not all(isinstance(row, dict) for row in c.items(value, "fit_state.history")):
                 c.fail("fit_state.history", "must be a list of objects")

@@ -27,8 +27,9 @@ def count_flops(model: nn.Module, input_shape: tuple[int, int, int], *, batch: i
     `batch` is 2 because training-mode BatchNorm needs more than one value per channel, and the
     counts are divided by it (every counted product is linear in the batch)."""
     net = copy.deepcopy(model).float().cpu()
-    for p in net.parameters():
-        p.grad = None
+    for p in net.parameters():                 # every weight's gradient: what training from scratch computes
+        p.grad = None                          # (an EMA copy or a frozen layer would otherwise drop out)
+        p.requires_grad_(True)
     x = torch.zeros(batch, *input_shape)
     net.train()
     with FlopCounterMode(display=False) as fwd:
@@ -47,3 +48,27 @@ def training_flops(per_image: dict[str, float], images_seen: int, eval_images: i
     """Total FLOPs of a run: every training image's forward+backward, plus evaluation forwards
     (validation and train-eval passes) when their image count is given."""
     return per_image["train"] * images_seen + per_image["inference"] * eval_images
+
+
+def compute_record(model: nn.Module, input_size, *, images_seen: int, eval_images: int,
+                   pass_seconds: float, wall_seconds: float) -> dict:
+    """report.json's "compute": FLOPs per image at the run's input size, the run's totals, and the
+    FLOP/s its training passes achieved (training FLOPs / seconds in training passes; evaluation
+    and checkpoints are in wall_seconds, not in that rate)."""
+    per = count_flops(model, tuple(int(v) for v in input_size))
+    train = per["train"] * images_seen
+    return {"input_size": [int(v) for v in input_size],
+            "flops_per_train_image": per["train"], "flops_per_eval_image": per["inference"],
+            "train_images_seen": int(images_seen), "eval_images": int(eval_images),
+            "train_flops": train, "eval_flops": per["inference"] * eval_images,
+            "train_seconds": round(pass_seconds, 3), "wall_seconds": round(wall_seconds, 3),
+            "achieved_flops_per_s": train / pass_seconds if pass_seconds > 0 else None,
+            "counter": "torch.utils.flop_counter: matrix products only, 2 FLOPs per multiply-add"}
+
+
+def describe(record: dict) -> str:
+    """One line for the end of a run."""
+    rate = record.get("achieved_flops_per_s")
+    return (f"compute: {record['flops_per_train_image'] / 1e6:.1f} MFLOPs per training image x "
+            f"{record['train_images_seen']:,} images = {record['train_flops']:.3g} training FLOPs"
+            + (f", {rate / 1e9:.1f} GFLOP/s achieved in the training passes" if rate else ""))

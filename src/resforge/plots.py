@@ -25,6 +25,9 @@ _MAIN_PANELS = (
 _GRAD_PREFIX, _GRAD_TITLE = "grad_norm_", "gradient norm per stage"  # train.grad_norms columns: one panel
 _LOG_PANELS = ("loss", "learning rate", _GRAD_TITLE)  # log y-axis when values span decades
 _MAX_EXTRA_PANELS = 9  # keeps the grid readable if a run logs many columns
+# metrics.csv's clock columns (training/loop.py time_columns): an x-axis, not panels of their own
+_CLOCK = ("epoch_seconds", "wall_seconds", "train_seconds", "images_seen")
+_TIME_TITLE = "accuracy against wall time"
 
 
 def plot_training_curves(metrics_csv: Path, out_png: Path, *, label_smoothing: float = 0.0) -> Path:
@@ -41,13 +44,25 @@ def plot_training_curves(metrics_csv: Path, out_png: Path, *, label_smoothing: f
     x = cols.pop("epoch", None)
     n = len(next(iter(cols.values()), []))
     x = np.arange(1, n + 1, dtype=float) if x is None else x
+    wall = cols.get("wall_seconds")
+    clock = {c: cols.pop(c) for c in _CLOCK if c in cols}
     panels = _panel_specs(cols)
+    accuracy = dict(panels).get("accuracy", ())
+    timed = wall is not None and accuracy and np.isfinite(wall).any()
+    if timed:                                  # time-to-accuracy: the same curves over seconds
+        panels.insert(2, (_TIME_TITLE, accuracy))
     nrows, ncols = _grid(len(panels))
     fig = _new_figure(nrows, ncols, cell=(4.0, 3.0))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     labels = {"train_loss": f"train_loss (incl. label smoothing {label_smoothing:g})"} if label_smoothing else {}
     for ax, (title, names) in zip(axes, panels):
-        _draw_panel(ax, x, {c: cols[c] for c in names}, title, labels)
+        if title == _TIME_TITLE:
+            minutes = np.nanmax(clock["wall_seconds"]) > 180
+            _draw_panel(ax, clock["wall_seconds"] / (60 if minutes else 1), {c: cols[c] for c in names}, title,
+                        labels, xlabel="wall time since the start, evaluation included (" +
+                        ("min)" if minutes else "s)"))
+        else:
+            _draw_panel(ax, x, {c: cols[c] for c in names}, title, labels)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     if n == 0:
@@ -152,7 +167,7 @@ def _panel_specs(cols: dict[str, np.ndarray]) -> list[tuple[str, tuple[str, ...]
 
 
 def _draw_panel(ax, x: np.ndarray, series: dict[str, np.ndarray], title: str,
-                labels: dict[str, str] | None = None) -> None:
+                labels: dict[str, str] | None = None, xlabel: str = "epoch") -> None:
     marker = "o" if len(x) <= 30 else None  # dots help read short runs, clutter long ones
     labels = labels or {}
     for name, y in series.items():
@@ -161,7 +176,7 @@ def _draw_panel(ax, x: np.ndarray, series: dict[str, np.ndarray], title: str,
     if use_log_axis(title, series):
         ax.set_yscale("log")
     ax.set_title(title)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
     if len(series) > 1 or any(n in labels for n in series):
         ax.legend(fontsize=8)

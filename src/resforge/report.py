@@ -75,9 +75,12 @@ def render_markdown(report: dict) -> str:
     parts += [_md_per_class(split, report[split]) for split in splits if report[split].get("per_class")]
     if report.get("warnings"):
         parts.insert(1, _md_warnings(report["warnings"]))      # first thing read after the header
+    if isinstance(report.get("compute"), dict):
+        parts.append(_md_compute(report["compute"]))
     if report.get("rejected"):
         parts.append(_md_rejected(report["rejected"]))
-    notes = {k: v for k, v in report.items() if k not in (*_RESERVED, *splits, "rejected", "tta", "warnings", "ood")}
+    notes = {k: v for k, v in report.items()
+             if k not in (*_RESERVED, *splits, "rejected", "tta", "warnings", "ood", "compute")}
     if notes:
         parts.append(_md_notes(notes))
     return "\n\n".join(parts) + "\n"
@@ -265,6 +268,24 @@ def _md_tta(tta: dict) -> str:
             f"Logits averaged over {len(views)} view(s): {', '.join(f'`{v}`' for v in views)}; "
             f"chosen by {tta.get('from', '?')}. A mirror is used only for networks trained with flips, "
             "one-pixel shifts only for networks trained with translations.")
+
+
+def _md_compute(c: dict) -> str:
+    """flops.compute_record: what the training cost, in FLOPs and seconds."""
+    def num(key, scale=1.0, fmt="{:.3g}"):
+        v = c.get(key)
+        return fmt.format(v / scale if scale != 1 else v) if isinstance(v, (int, float)) else "?"
+    rows = [["FLOPs per training image (forward + backward)", num("flops_per_train_image", 1e6, "{:.1f} M")],
+            ["FLOPs per evaluated image (forward)", num("flops_per_eval_image", 1e6, "{:.1f} M")],
+            ["training images seen", num("train_images_seen", fmt="{:,}")],
+            ["training FLOPs", num("train_flops")],
+            ["evaluation FLOPs while training", num("eval_flops")],
+            ["seconds in training passes", num("train_seconds", fmt="{:.1f}")],
+            ["wall seconds (evaluation and checkpoints included)", num("wall_seconds", fmt="{:.1f}")],
+            ["achieved in training passes", num("achieved_flops_per_s", 1e9, "{:.1f} GFLOP/s")]]
+    size = "x".join(str(v) for v in c.get("input_size", []))
+    return "\n".join([f"## Compute\n\nAt input size {size}; {c.get('counter', '')}.\n",
+                      _md_table(["", "value"], rows)])
 
 
 def _md_warnings(warnings: list[dict]) -> str:

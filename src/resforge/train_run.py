@@ -22,6 +22,7 @@ from resforge import ood
 from resforge.checkpoint import add_to_sidecars, save_checkpoint, save_state
 from resforge.config import RunConfig, load_config
 from resforge.data.augment import Augmenter
+from resforge.flops import compute_record, describe as describe_compute
 from resforge.pipeline import (build_model, evaluate_bundle, init_from_data, normalisation, place_model,
                                prepare_data, split_counts, start_runtime, train_batches, tta_record,
                                val_batches, write_run_files)
@@ -163,6 +164,11 @@ def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cf
              "ignored_files": bundle.extra.get("ignored", 0)}
     if fit_result.bn_recalibration is not None:
         extra["bn_recalibration"] = fit_result.bn_recalibration
+    st = fit_result.state
+    extra["compute"] = compute_record(fit_result.model, meta["input_size"], images_seen=st.images_seen,
+                                      eval_images=st.eval_images, pass_seconds=st.pass_seconds,
+                                      wall_seconds=st.seconds)
+    say(describe_compute(extra["compute"]))
     if cfg.eval.tta:
         extra["tta"] = tta_record(augment, "the run's aug config")
     extra["ood"] = ood.summary(record, kept)

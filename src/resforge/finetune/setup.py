@@ -144,13 +144,20 @@ def _train_batches(bundle, cfg: RunConfig, rt, sample_weights):
 
 
 class PhaseLog:
-    """metrics.csv rows of one phase: a `phase` column and epochs counted across phases."""
+    """metrics.csv rows of one phase: a `phase` column, and epochs and the cumulative clock
+    columns (wall_seconds, train_seconds, images_seen) counted across phases."""
+
+    CUMULATIVE = ("wall_seconds", "train_seconds", "images_seen")
 
     def __init__(self, log: MetricsLog, phase: str, offset: int):
         self.log, self.phase, self.offset = log, phase, offset
+        last = (log.rows() or [{}])[-1]               # the phases before this one
+        self.base = {k: float(last[k]) for k in self.CUMULATIVE if last.get(k) not in (None, "")}
 
     def append(self, row: dict) -> None:
-        self.log.append({**row, "epoch": row["epoch"] + self.offset, "phase": self.phase})
+        moved = {k: row[k] + (int if k == "images_seen" else float)(self.base.get(k, 0))
+                 for k in self.CUMULATIVE if k in row}
+        self.log.append({**row, **moved, "epoch": row["epoch"] + self.offset, "phase": self.phase})
 
     def truncate(self, last_epoch: int) -> None:      # phases never resume
         pass

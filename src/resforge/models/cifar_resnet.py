@@ -74,17 +74,17 @@ class CifarResNet(ResNetBase):
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.stage_names = ["stem", "layer1", "layer2", "layer3", "fc"]
+        self.feature_info = [{"module": "layer1", "num_chs": 16, "reduction": 1},    # (B, 16, H, W)
+                             {"module": "layer2", "num_chs": 32, "reduction": 2},    # (B, 32, H/2, W/2)
+                             {"module": "layer3", "num_chs": 64, "reduction": 4}]    # (B, 64, H/4, W/4)
         mean, std = norm_stats(in_chans)
         self.default_cfg = dict(arch=arch, family="resnet" if residual else "plain",
                                 layout="cifar", input_size=(in_chans, 32, 32), mean=mean,
                                 std=std, num_classes=num_classes)
         self._init_weights(zero_init_residual)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))  # (B, 16, H, W)
-        x = self.layer1(x)  # (B, 16, H, W)
-        x = self.layer2(x)  # (B, 32, H/2, W/2)
-        return self.layer3(x)  # (B, 64, H/4, W/4)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))  # (B, 16, H, W)
 
 
 # ----------------------------------------------------------------------------- builders

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from resforge.models import register_model
 from resforge.models.resnet import norm_stats
+from resforge.models.stages import StageOutputs
 
 # ----------------------------------------------------------------------------- whitening
 
@@ -95,7 +96,7 @@ class ConvGroup(nn.Module):
         return self.act(self.bn2(self.conv2(x)))
 
 
-class HeadMixin:
+class HeadMixin(StageOutputs):
     """forward_head / forward / reset_classifier / get_stage shared by the fast nets: global
     max-pool -> dropout -> bias-free fc, logits multiplied by `head_scale` (a small constant
     keeps the early softmax soft; the fc itself keeps PyTorch's default init)."""
@@ -183,15 +184,15 @@ class FastNet(HeadMixin, nn.Module):
         _head(self, widths[2], num_classes, drop_rate, head_scale)
         self.bias_lr_scale, self.whiten_eps, self.frozen_bn_scale = bias_lr_scale, whiten_eps, True
         self.stage_names = ["stem", "layer1", "layer2", "layer3", "fc"]
+        # (B, 64, (H-1)//2, .), (B, 256, (H-1)//4, .), (B, 256, (H-1)//8, .): nominally H/2, H/4, H/8
+        self.feature_info = [{"module": f"layer{i + 1}", "num_chs": w, "reduction": 2 ** (i + 1)}
+                             for i, w in enumerate(widths)]
         mean, std = norm_stats(in_chans)
         self.default_cfg = dict(arch=arch, family="plain", layout="cifar", input_size=(in_chans, 32, 32),
                                 mean=mean, std=std, num_classes=num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.conv1(x))        # (B, 24, H-1, W-1)
-        x = self.layer1(x)                 # (B, 64, (H-1)/2, .)
-        x = self.layer2(x)                 # (B, 256, (H-1)/4, .)
-        return self.layer3(x)              # (B, 256, (H-1)/8, .)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv1(x))     # (B, 24, H-1, W-1): the 2x2 whitening conv, no padding
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, mean, std) -> None:
@@ -246,15 +247,15 @@ class ResNet9(HeadMixin, nn.Module):
         _head(self, 512, num_classes, drop_rate, head_scale)
         self.bias_lr_scale, self.frozen_bn_scale = bias_lr_scale, False
         self.stage_names = ["stem", "layer1", "layer2", "layer3", "fc"]
+        self.feature_info = [{"module": "layer1", "num_chs": 128, "reduction": 2},   # (B, 128, H/2, W/2)
+                             {"module": "layer2", "num_chs": 256, "reduction": 4},   # (B, 256, H/4, W/4)
+                             {"module": "layer3", "num_chs": 512, "reduction": 8}]   # (B, 512, H/8, W/8)
         mean, std = norm_stats(in_chans)
         self.default_cfg = dict(arch=arch, family="resnet", layout="cifar", input_size=(in_chans, 32, 32),
                                 mean=mean, std=std, num_classes=num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))     # (B, 64, H, W)
-        x = self.layer1(x)                         # (B, 128, H/2, W/2)
-        x = self.layer2(x)                         # (B, 256, H/4, W/4)
-        return self.layer3(x)                      # (B, 512, H/8, W/8)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))  # (B, 64, H, W)
 
     def _stem_modules(self) -> list[nn.Module]:
         return [self.conv1, self.bn1]

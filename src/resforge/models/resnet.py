@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from resforge.models import register_model
+from resforge.models.stages import StageOutputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,18 +108,16 @@ def make_stage(block: type[nn.Module], inplanes: int, planes: int, blocks: int,
 
 # ----------------------------------------------------------------------------- networks
 
-class ResNetBase(nn.Module):
+class ResNetBase(StageOutputs, nn.Module):
     """The model contract (docs/DESIGN.md) shared by every resforge network.
 
     Subclasses build conv1, bn1, the stage modules named in `stage_names`, `global_pool`,
-    `drop`, `fc`, set `num_features`/`default_cfg`, and implement `forward_features`.
+    `drop`, `fc`, set `num_features`/`default_cfg`/`feature_info`, and implement `forward_stem`
+    (stages.py runs the stages: forward_features, forward_intermediates).
     """
     stage_names: list[str]
     num_features: int
     default_cfg: dict
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.global_pool(x), 1)  # (B, C, h, w) -> (B, C)
@@ -197,6 +196,9 @@ class ResNet(ResNetBase):
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.stage_names = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+        first = 1 if small_input else 4           # C2..C5: (B, 64*exp, H/4, .) ... (B, 512*exp, H/32, .)
+        self.feature_info = [{"module": f"layer{i + 1}", "num_chs": w * block.expansion, "reduction": first * 2 ** i}
+                             for i, w in enumerate(widths)]
         mean, std = norm_stats(in_chans)
         size = 32 if small_input else 224
         self.default_cfg = dict(arch=arch, family="resnet", layout="imagenet",
@@ -204,12 +206,8 @@ class ResNet(ResNetBase):
                                 num_classes=num_classes)
         self._init_weights(zero_init_residual)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
-        x = self.layer1(x)  # (B, 64*exp, H/4, W/4)
-        x = self.layer2(x)  # (B, 128*exp, H/8, W/8)
-        x = self.layer3(x)  # (B, 256*exp, H/16, W/16)
-        return self.layer4(x)  # (B, 512*exp, H/32, W/32)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4); small_input: (B, 64, H, W)
 
 
 # ----------------------------------------------------------------------------- builders

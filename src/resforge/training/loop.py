@@ -45,6 +45,9 @@ class FitState:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0               # wall seconds of training so far, over all resumed sessions
     timed_epochs: int = 0              # epochs those seconds cover (fewer: resumed from a state without them)
+    images_seen: int = 0               # training images through forward+backward, over all sessions
+    pass_seconds: float = 0.0          # the part of `seconds` spent in training passes (no evaluation)
+    eval_images: int = 0               # images through evaluation forwards while training (val, train_eval)
 
 
 def soft_cross_entropy(label_smoothing: float, weight: torch.Tensor | None = None) -> Callable:
@@ -313,12 +316,17 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
     if lookahead is not None:
         lookahead.attach(opt, model)           # syncs after every optimiser step
     t0 = time.perf_counter() - state.seconds   # a resumed run keeps its clock: max_seconds spans all sessions
+    if state.epoch and not state.images_seen:  # resumed from a state written before these counters
+        state.images_seen = state.epoch * train_batches.num_images
     for epoch in range(state.epoch, train_cfg.epochs):
+        wall_before = state.seconds            # the previous row's wall_seconds: the columns add up
         stats = train_one_epoch(step_model, train_batches, augment, updater, rt, loss_fn,
                                 epoch=epoch, seed=train_cfg.seed, state=state, progress=train_cfg.progress,
                                 desc=f"{desc}epoch {epoch + 1}/{train_cfg.epochs}", batch_loss=batch_loss,
                                 accumulate=train_cfg.accumulate)
         state.seconds, state.timed_epochs = time.perf_counter() - t0, state.timed_epochs + 1
+        state.images_seen += stats["images"]
+        state.pass_seconds += stats["seconds"]
         # every rank must stop after the same epoch: the first one out of time stops them all
         out_of_time = D.agree_any(_out_of_time(train_cfg.max_seconds, state.seconds, state.timed_epochs))
         if lookahead is not None and (out_of_time or epoch + 1 == train_cfg.epochs):
@@ -328,7 +336,9 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
         row = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0],
                "train_loss": stats["train_loss"], "train_acc": stats["train_acc"]}
         if train_eval_batches is not None:
-            row |= prefixed_metrics(*predict_logits(eval_model, train_eval_batches, augment, rt), "train_eval")
+            logits, labels = predict_logits(eval_model, train_eval_batches, augment, rt)
+            row |= prefixed_metrics(logits, labels, "train_eval")
+            state.eval_images += len(labels)
         row |= {k: v for k, v in stats.items() if k.startswith("grad_norm_")}
         last = epoch + 1 == train_cfg.epochs or out_of_time
         weights_ok = _weights_finite(eval_model)
@@ -336,6 +346,7 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
         if val_batches is not None and ((epoch + 1) % train_cfg.val_every == 0 or last):
             logits, labels = predict_logits(eval_model, val_batches, augment, rt)
             row |= val_metrics(logits, labels)
+            state.eval_images += len(labels)
             classes = logits.shape[1]
             value = row[train_cfg.monitor]
             if weights_ok and _finite(row) and _improved(train_cfg, value, state.best):
@@ -347,6 +358,7 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
                 state.bad_rounds += 1
                 stop = train_cfg.patience is not None and state.bad_rounds >= train_cfg.patience
         state.epoch, state.seconds = epoch + 1, time.perf_counter() - t0       # seconds: evaluation included
+        row |= time_columns(state, state.seconds - wall_before)
         state.history.append(row)
         if metrics_log is not None:
             metrics_log.append(row)
@@ -379,6 +391,15 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
             checkpointer(tag, final, state, row, resume=None if tag == "best" else
                          _snapshot(state, model, opt, sched, ema, scaler, best_weights, lookahead))
     return FitResult(final, state, state.seconds, recal)
+
+
+def time_columns(state: FitState, epoch_seconds: float) -> dict:
+    """metrics.csv's time-to-accuracy columns: this epoch's wall seconds (its training pass, its
+    evaluation and the previous epoch's checkpoint), and since the run began (resumed sessions
+    included; the unfinished epoch of a killed session is not counted) the wall seconds, the
+    seconds in training passes alone, and the training images seen."""
+    return {"epoch_seconds": epoch_seconds, "wall_seconds": state.seconds,
+            "train_seconds": state.pass_seconds, "images_seen": state.images_seen}
 
 
 def _recalibrate_final(final: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Runtime,
