@@ -3,7 +3,7 @@
     resforge train [--recipe NAME|FILE] [--data SRC] [--model NAME] [key=value ...]
     resforge train --resume runs/NAME
     resforge eval RUN_OR_WEIGHTS [--data SRC] [--model NAME] [--split test] [--tta]
-    resforge predict RUN_OR_WEIGHTS FILES_OR_FOLDERS... [--topk 5] [--out preds.csv] [--workers N] [--ood]
+    resforge predict RUN_WEIGHTS_OR_EXPORT FILES_OR_FOLDERS... [--topk 5] [--out preds.csv] [--workers N] [--ood]
     resforge export RUN_OR_WEIGHTS [--format onnx|torchscript] [--out FILE] [--samples DIR]
                     [--int8 [--calibration N] [--int8-tolerance POINTS] [--data SOURCE]]
     resforge serve RUN_OR_EXPORT [--host 127.0.0.1] [--port 8000] [--backend torch|onnx|torchscript]
@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=_eval)
 
     r = sub.add_parser("predict", help="predict classes of image files or folders")
-    r.add_argument("source", help="run folder or weights file")
+    r.add_argument("source", help="run folder, weights file, or an exported .onnx (fp32 or int8) / .torchscript")
     r.add_argument("inputs", nargs="+", help="image files and/or folders")
     r.add_argument("--topk", type=_count, default=5, help="labels per file")
     r.add_argument("--batch-size", type=_count, default=64)
