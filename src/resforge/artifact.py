@@ -167,6 +167,7 @@ def validate_meta(meta: Any, source, kind: str = "checkpoint") -> dict:
     _validate_preprocessing(c, meta, required_resize=kind in ("onnx", "torchscript"))
     _validate_extras(c, meta)
     _validate_ood(c, meta)
+    _validate_quantization(c, meta, kind)
     return meta
 
 
@@ -262,6 +263,38 @@ def _validate_ood(c: _Check, meta: dict) -> None:
         c.integer(o["n"], "ood.n", 1)
 
 
+QUANT_DTYPES = ("int8",)
+MAX_TOLERANCE = 100.0                      # percentage points of top-1
+
+
+def _validate_quantization(c: _Check, meta: dict, kind: str) -> None:
+    """The optional record of an int8 export (resforge.quantize): what was quantised, on what it
+    was calibrated, and the accuracy check it passed. Shown by serve (/v1/model) and the CLI, so
+    typed; and it must not claim an accuracy outside its own tolerance."""
+    if meta.get("quantization") is None:
+        return
+    q = c.obj(meta["quantization"], "quantization")
+    if kind != "onnx":
+        c.fail("quantization", f"is recorded in a {kind} artifact; only ONNX exports are quantised")
+    if q.get("dtype") not in QUANT_DTYPES:
+        c.fail("quantization.dtype", f"is {_show(q.get('dtype'))}, not one of {', '.join(QUANT_DTYPES)}")
+    for key in ("method", "split"):
+        c.text(q.get(key), f"quantization.{key}", 64)
+    for key in ("activations", "weights", "calibration_split", "data", "onnxruntime"):
+        if q.get(key) is not None:
+            c.text(q[key], f"quantization.{key}", 256)
+    c.integer(q.get("calibration_images"), "quantization.calibration_images", 1)
+    c.integer(q.get("n"), "quantization.n", 1)
+    fp32, int8 = (c.real(q.get(k), f"quantization.{k}", 0.0, 1.0) for k in ("fp32_top1", "int8_top1"))
+    c.real(q.get("top1_agreement"), "quantization.top1_agreement", 0.0, 1.0)
+    tol = c.real(q.get("tolerance"), "quantization.tolerance", 0.0, MAX_TOLERANCE)
+    if 100 * (fp32 - int8) > tol + 1e-9:
+        c.fail("quantization.int8_top1", f"is {int8:.4f}, more than the recorded tolerance of {tol:g} points "
+                                         f"below fp32_top1 {fp32:.4f}: the record does not describe an export "
+                                         "that passed its accuracy check",
+               "export the run again with `resforge export RUN --format onnx --int8`")
+
+
 def parse_meta_text(text: str | bytes, source, kind: str) -> dict:
     """JSON text embedded in an export -> validated meta."""
     c = _Check(source, kind)
@@ -346,9 +379,10 @@ def check_outputs(run: Callable[[np.ndarray], np.ndarray], meta: dict, source, k
         c.fail("the weights", "give non-finite logits (NaN or inf) for a blank image")
 
 
-def check_finite_onnx(path) -> None:
+def check_finite_onnx(path, meta: dict | None = None) -> None:
     """Every float initializer of an ONNX file is finite. (A probe alone is not enough:
-    onnxruntime's kernels can turn a NaN weight into finite but wrong logits.)"""
+    onnxruntime's kernels can turn a NaN weight into finite but wrong logits.) With `meta`: a
+    file whose meta records int8 quantisation must hold a quantised (QDQ) graph."""
     try:
         import onnx
         from onnx import numpy_helper
@@ -362,6 +396,10 @@ def check_finite_onnx(path) -> None:
         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
             if not np.isfinite(numpy_helper.to_array(t)).all():
                 _Check(path, "onnx").fail(f"initializer {t.name}", "holds NaN or inf")
+    if meta is not None and meta.get("quantization") is not None:
+        if not any(n.op_type == "DequantizeLinear" for n in proto.graph.node):
+            _Check(path, "onnx").fail("quantization", "says the model is int8 but its graph has no "
+                                                      "DequantizeLinear node (a float32 graph)")
 
 
 def check_finite_torchscript(module, path) -> None:

@@ -95,7 +95,7 @@ class OnnxBackend:
         self.meta = _parse_meta(custom.get(META_KEY, ""), path, self.name)
         artifact.check_graph([i.shape for i in self.session.get_inputs()],
                              [o.shape for o in self.session.get_outputs()], self.meta, path)
-        artifact.check_finite_onnx(path)
+        artifact.check_finite_onnx(path, self.meta)
         artifact.check_outputs(self, self.meta, path, self.name)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -3,8 +3,9 @@
     resforge train [--recipe NAME|FILE] [--data SRC] [--model NAME] [key=value ...]
     resforge train --resume runs/NAME
     resforge eval RUN_OR_WEIGHTS [--data SRC] [--model NAME] [--split test] [--tta]
-    resforge predict RUN_OR_WEIGHTS FILES_OR_FOLDERS... [--topk 5] [--out preds.csv] [--workers N] [--ood]
+    resforge predict RUN_WEIGHTS_OR_EXPORT FILES_OR_FOLDERS... [--topk 5] [--out preds.csv] [--workers N] [--ood]
     resforge export RUN_OR_WEIGHTS [--format onnx|torchscript] [--out FILE] [--samples DIR]
+                    [--int8 [--calibration N] [--int8-tolerance POINTS] [--data SOURCE]]
     resforge serve RUN_OR_EXPORT [--host 127.0.0.1] [--port 8000] [--backend torch|onnx|torchscript]
     resforge models
     resforge data scan SRC
@@ -377,10 +378,27 @@ def _add_fewshot(sub) -> None:
     f.set_defaults(fn=_fewshot)
 
 
+_INT8_FLAGS = {"calibration": "--calibration", "int8_tolerance": "--int8-tolerance", "data": "--data",
+               "data_root": "--data-root"}
+
+
 def _export(a) -> int:
+    given = [flag for key, flag in _INT8_FLAGS.items() if getattr(a, key) is not None]
+    if given and not a.int8:
+        raise ValueError(f"{', '.join(given)} only apply to an int8 export: add --int8 (with --format onnx)")
+    if a.int8 and a.format != "onnx":
+        raise ValueError(f"--int8 quantises ONNX exports only, not {a.format}: use --format onnx "
+                         "(TorchScript artifacts stay float32)")
     try:
         from resforge.export import export
-        result = export(a.source, a.format, a.out, model_name=a.model, samples=a.samples)
+        from resforge.quantize import Int8Options
+        int8 = False
+        if a.int8:
+            defaults = Int8Options()
+            int8 = Int8Options(calibration=a.calibration or defaults.calibration, data=a.data,
+                               tolerance=defaults.tolerance if a.int8_tolerance is None else a.int8_tolerance,
+                               data_root=a.data_root)
+        result = export(a.source, a.format, a.out, model_name=a.model, samples=a.samples, int8=int8)
     except ImportError as e:                      # optional extra missing: say which
         print(f"resforge: error: {e}", file=sys.stderr)
         return 2
@@ -462,10 +480,23 @@ def _add_deploy(sub) -> None:
     x = sub.add_parser("export", help="export to ONNX or TorchScript (parity-checked against PyTorch)")
     x.add_argument("source", help="run folder, resforge checkpoint or weights file")
     x.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    x.add_argument("--out", default=None, help="output file (default: next to the weights, .onnx/.torchscript)")
+    x.add_argument("--out", default=None, help="output file (default: next to the weights, .onnx/.torchscript; "
+                                               "--int8: .int8.onnx)")
     x.add_argument("--samples", nargs="+", default=None, metavar="PATH",
                    help="images for the parity check (default: the run's own held-out data)")
     x.add_argument("--model", default=None, help=MODEL_HELP)
+    x.add_argument("--int8", action="store_true",
+                   help="static int8 quantisation with ONNX Runtime (QDQ, per-channel int8 weights), calibrated "
+                        "on the run's training images and refused unless its top-1 on the run's test split "
+                        "is within --int8-tolerance of fp32")
+    x.add_argument("--calibration", type=_count, default=None, metavar="N",
+                   help="--int8: training images to calibrate on (default: 512)")
+    x.add_argument("--int8-tolerance", type=_nonnegative, default=None, metavar="POINTS",
+                   help="--int8: largest top-1 drop vs fp32 allowed, in percentage points (default: 0.5)")
+    x.add_argument("--data", default=None, metavar="SOURCE",
+                   help="--int8: labelled data to calibrate (train split) and check (test, else val) with, "
+                        "for weights outside a run folder (default: the run's own data)")
+    x.add_argument("--data-root", default=None, help="--int8: folder holding named sources (default: RESFORGE_DATA)")
     x.set_defaults(fn=_export)
 
     v = sub.add_parser("serve", help="HTTP inference service with a web page (needs resforge[serve])")
@@ -563,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=_eval)
 
     r = sub.add_parser("predict", help="predict classes of image files or folders")
-    r.add_argument("source", help="run folder or weights file")
+    r.add_argument("source", help="run folder, weights file, or an exported .onnx (fp32 or int8) / .torchscript")
     r.add_argument("inputs", nargs="+", help="image files and/or folders")
     r.add_argument("--topk", type=_count, default=5, help="labels per file")
     r.add_argument("--batch-size", type=_count, default=64)

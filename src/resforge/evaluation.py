@@ -47,7 +47,7 @@ def evaluate(source: str | Path, *, data: str | None = None, splits=("test",), t
     always the caller's."""
     rt = make_runtime(device, "auto", True)
     weights = resolve_weights(source)
-    run_dir = _run_folder(weights)
+    run_dir = run_folder(weights)
     if out_dir is not None:
         _refuse_existing_report(Path(out_dir))
     if data is None and run_dir is None:
@@ -58,10 +58,7 @@ def evaluate(source: str | Path, *, data: str | None = None, splits=("test",), t
     fixed_size = meta.get("source_format") is None          # resforge checkpoints fix the size
     run_cfg = _run_config(run_dir) if run_dir is not None else None
     if data is None:
-        # The run's own data, rebuilt as training did with its saved splits; where files and
-        # caches are found stays local (arguments, environment), whatever the config says.
-        d = replace(run_cfg.data, data_root=data_root, download=download, cache_dir=None, manifest=None)
-        bundle, _ = prepare_data(replace(run_cfg, data=d), load_manifest(run_dir / "splits.json"))
+        bundle = run_data(run_dir, run_cfg, data_root=data_root, download=download)
     else:
         bundle = load_source(data, image_size=(h, w) if fixed_size else None, channels=c,
                              data_root=data_root, download=download)
@@ -98,12 +95,23 @@ def evaluate(source: str | Path, *, data: str | None = None, splits=("test",), t
     return results
 
 
-def _run_folder(weights: Path) -> Path | None:
+def run_folder(weights: Path) -> Path | None:
     """RUN when the weights are RUN/weights/<tag>.safetensors with RUN/config.json and RUN/splits.json."""
     run = weights.parent.parent
     if weights.parent.name == "weights" and (run / "config.json").is_file() and (run / "splits.json").is_file():
         return run
     return None
+
+
+def run_data(run_dir: Path, run_cfg: RunConfig | None = None, *, data_root: str | None = None,
+             download: bool = False):
+    """The run's own data bundle, rebuilt as training did with its saved splits (splits.json);
+    where files and caches are found stays local (arguments, environment), whatever the config
+    says. Also what `resforge export --int8` calibrates on and checks with."""
+    run_cfg = run_cfg if run_cfg is not None else _run_config(run_dir)
+    d = replace(run_cfg.data, data_root=data_root, download=download, cache_dir=None, manifest=None)
+    bundle, _ = prepare_data(replace(run_cfg, data=d), load_manifest(run_dir / "splits.json"))
+    return bundle
 
 
 def _run_config(run_dir: Path) -> RunConfig:

@@ -2,6 +2,7 @@
 
     resforge export runs/x --format onnx         -> runs/x/weights/best.onnx
     resforge export runs/x --format torchscript  -> runs/x/weights/best.torchscript
+    resforge export runs/x --format onnx --int8  -> runs/x/weights/best.int8.onnx (resforge.quantize)
 
 Artifacts take float32 (B, C, H, W) normalised images with a dynamic batch axis and return
 (B, K) logits. Class names and preprocessing (input size, mean/std, resize mode) travel inside
@@ -63,24 +64,42 @@ class ExportResult:
     n_samples: int
     samples: str             # where the parity inputs came from
     seconds: float
+    quantization: dict | None = None   # int8 exports: the accuracy check's record (resforge.quantize)
 
     def summary(self) -> str:
-        return (f"exported {self.format} -> {self.path} ({self.path.stat().st_size / 1e6:.1f} MB, "
-                f"{self.seconds:.1f}s)\nparity vs eager PyTorch on {self.n_samples} {self.samples}: "
-                f"max |logit diff| {self.max_abs_diff:.2e} ({limit_text(self.limit)}), "
-                f"top-1 identical {100 * self.top1_agreement:.1f}%")
+        q = self.quantization
+        parity = "parity of the fp32 ONNX (before quantisation)" if q else "parity"
+        text = (f"exported {self.format}{' int8' if q else ''} -> {self.path} "
+                f"({self.path.stat().st_size / 1e6:.1f} MB, {self.seconds:.1f}s)\n{parity} vs eager PyTorch on "
+                f"{self.n_samples} {self.samples}: max |logit diff| {self.max_abs_diff:.2e} "
+                f"({limit_text(self.limit)}), top-1 identical {100 * self.top1_agreement:.1f}%")
+        if q:
+            from resforge.quantize import describe
+            text += "\n" + describe(q)
+        return text
 
 
 def export(source: str | Path, format: str = "onnx", out: str | Path | None = None, *,
            model_name: str | None = None, samples: list[str | Path] | None = None,
-           atol: float = ATOL) -> ExportResult:
-    """Export a run folder / checkpoint / weights file; see the module docstring."""
+           atol: float = ATOL, int8=False) -> ExportResult:
+    """Export a run folder / checkpoint / weights file; see the module docstring.
+
+    int8: True or a resforge.quantize.Int8Options (calibration count, tolerance, data, ...) for a
+    statically quantised ONNX artifact, default name <weights>.int8.onnx beside the fp32 one."""
     from resforge.checkpoint import load_for_inference
+    from resforge.quantize import INT8_SUFFIX, export_int8, int8_options
     from resforge.weightfile import resolve_weights
 
     _check_format(format)
+    opts = int8_options(int8)
+    if opts is not None and format != "onnx":
+        raise ValueError(f"--int8 quantises ONNX exports only, not {format}: use --format onnx "
+                         "(TorchScript artifacts stay float32)")
     model, meta = load_for_inference(source, model_name=model_name)
-    out = Path(out) if out else resolve_weights(source).with_suffix(EXPORT_SUFFIX[format])
+    suffix = INT8_SUFFIX if opts is not None else EXPORT_SUFFIX[format]
+    out = Path(out) if out else resolve_weights(source).with_suffix(suffix)
+    if opts is not None:
+        return export_int8(model, meta, out, source=source, opts=opts, samples=samples, atol=atol)
     inputs, origin = sample_inputs(meta, samples)
     return export_model(model, meta, format, out, inputs=inputs, origin=origin, atol=atol)
 
@@ -150,16 +169,24 @@ def _write_onnx(model, example: torch.Tensor, path: Path, meta: dict) -> None:
                           output_names=["logits"], opset_version=ONNX_OPSET, do_constant_folding=True,
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     proto = onnx.load(str(path))
+    embed_onnx_meta(proto, meta)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def embed_onnx_meta(proto, meta: dict) -> None:
+    """Replace the metadata_props of an ONNX ModelProto with resforge's: the meta JSON, plus its
+    main fields one per key for tools that show metadata (Netron, onnx.load)."""
     del proto.metadata_props[:]
     entries = {META_KEY: json.dumps(meta), "class_names": json.dumps(meta["class_names"]),
                "input_size": json.dumps(meta["input_size"]), "mean": json.dumps(meta["mean"]),
                "std": json.dumps(meta["std"]), "resize": meta["resize"],
                "architecture": meta["model"]["name"], "resforge_version": __version__}
+    if meta.get("quantization"):
+        entries["quantization"] = json.dumps(meta["quantization"])
     for key, value in entries.items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name, proto.doc_string = "resforge", f"{meta['model']['name']} exported by resforge"
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
 
 
 def _write_torchscript(model, example: torch.Tensor, path: Path, meta: dict) -> None:
@@ -254,6 +281,12 @@ def _run_data(meta: dict, prep, n: int) -> tuple[list[np.ndarray] | None, str]:
         bundle, _ = prepare_data(load_config(None, {"data.download": False}, base=cfg_dict))
     except Exception as e:  # noqa: BLE001 — missing/moved data must not block an export
         return None, f"its data {spec!r} could not be loaded ({type(e).__name__}: {e})"
+    return held_out_arrays(bundle, prep, n, spec)
+
+
+def held_out_arrays(bundle, prep, n: int, spec: str) -> tuple[list[np.ndarray] | None, str]:
+    """Up to n (H, W, C) uint8 images, evenly spaced over the test (else val, else train) split
+    of a loaded data bundle, and where they came from; (None, why) when none fit the model."""
     for name in ("test", "val", "train"):
         split = bundle.splits.get(name)
         if split is None or len(split.labels) < 2:

@@ -45,7 +45,8 @@ def predict(
 ) -> list[dict]:
     """Top-k predictions for every image file in `inputs` (files and folders, recursive).
 
-    source: run folder, checkpoint or weights file (see checkpoint.load_for_inference).
+    source: run folder, checkpoint or weights file (see checkpoint.load_for_inference), or an
+    exported .onnx (fp32 or int8) / .torchscript artifact, run by its own runtime.
     Returns one row per file, in input order: {"path", "topk": [{"label", "prob"}], "error"}.
     Unreadable or missing files get "error" set and an empty "topk".
     If `out` ends in .csv or .json the rows are also saved there.
@@ -58,8 +59,7 @@ def predict(
     on the validation split, resforge.ood); a model without one is refused (ValueError) before
     any file is read.
     """
-    from resforge.checkpoint import load_for_inference  # lazy: keeps `import resforge.infer` light
-    from resforge.training.device import apply_threads
+    from resforge.training.device import apply_threads  # lazy: keeps `import resforge.infer` light
 
     if topk < 1 or batch_size < 1:
         raise ValueError(f"topk and batch_size must be >= 1, got {topk}, {batch_size}")
@@ -68,15 +68,12 @@ def predict(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     apply_threads(threads)
     entries = _expand(inputs)
-    model, meta = load_for_inference(source, model_name=model_name, device=str(device))
+    model, meta = _load_model(source, model_name, device, threads)
     if ood and not meta.get("ood"):
         raise ValueError(f"cannot flag out-of-distribution images with {source}: {NO_THRESHOLD}, "
                          "or predict without --ood")
     rows = {p: _error_row(p, "file not found") for p, exists in entries if not exists}
     paths = [p for p, exists in entries if exists]
-    # channels_last: the (B, H, W, C) uint8 batches already have that layout, and at batch 64
-    # oneDNN convolutions ran 1.2x faster in it here (bench/inference_speed.py); same outputs.
-    model = model.to(memory_format=torch.channels_last)
     batches = _run_batches(model, meta, paths, batch_size, device, workers=workers, progress=progress)
     for path, logits, error in batches:
         if error is not None:
@@ -90,6 +87,21 @@ def predict(
     if out is not None:
         save_predictions(ordered, out)
     return ordered
+
+
+def _load_model(source, model_name: str | None, device: torch.device, threads: int | None):
+    """(model, meta): an exported artifact as its backend (np -> np logits, meta from inside it),
+    anything else as an eager module."""
+    from resforge.backends import artifact_format, load_backend
+    from resforge.checkpoint import load_for_inference
+
+    if artifact_format(source) is not None:
+        backend = load_backend(source, device=str(device), threads=threads)
+        return backend, backend.meta
+    model, meta = load_for_inference(source, model_name=model_name, device=str(device))
+    # channels_last: the (B, H, W, C) uint8 batches already have that layout, and at batch 64
+    # oneDNN convolutions ran 1.2x faster in it here (bench/inference_speed.py); same outputs.
+    return model.to(memory_format=torch.channels_last), meta
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[str]:
@@ -210,6 +222,8 @@ def _infer(model, prep: "Preprocess", batch: list[str], decoded: list, device: t
 
 
 def _logits_batch(model, prep: "Preprocess", arrays: list[np.ndarray], device: torch.device) -> np.ndarray:
+    if not isinstance(model, torch.nn.Module):       # an artifact's backend: float32 NCHW in, logits out
+        return np.asarray(model(prep.batch(arrays)), dtype=np.float32)
     # Ship uint8 (4x smaller than float) and convert on the device; match the model's dtype.
     dtype = next(model.parameters(), torch.empty(0)).dtype
     dtype = dtype if dtype.is_floating_point else torch.float32

@@ -105,8 +105,9 @@ def create_app(source, *, backend: str = "auto", model_name: str | None = None,
     @asynccontextmanager
     async def lifespan(app):
         await state.batcher.start()
-        log.info("serving %s (%s backend), micro-batching up to %d within %.1f ms",
-                 model.meta["model"]["name"], model.name, max_batch, max_wait_ms)
+        log.info("serving %s (%s backend%s), micro-batching up to %d within %.1f ms",
+                 model.meta["model"]["name"], model.name, ", int8" if model.meta.get("quantization") else "",
+                 max_batch, max_wait_ms)
         yield
         await state.batcher.stop()
         state.decoders.shutdown(wait=False, cancel_futures=True)
@@ -161,7 +162,8 @@ class _State:
                 "backend": self.model.name, "version": {"resforge": __version__,
                                                         "checkpoint": m.get("resforge_version")},
                 "epoch": m.get("epoch"), "metrics": m.get("metrics", {}), "limits": self.limits,
-                "ood": m.get("ood")}           # the OOD threshold predictions are flagged with, or null
+                "ood": m.get("ood"),           # the OOD threshold predictions are flagged with, or null
+                "quantization": m.get("quantization")}   # an int8 export's record (resforge.quantize), or null
 
     async def decode(self, files: list[tuple[str, bytes]]) -> list[np.ndarray]:
         """decode_files in a decode thread, once one of max_decodes slots is free; 503 after
