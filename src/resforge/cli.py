@@ -315,7 +315,7 @@ def _add_bench(sub) -> None:
     b.add_argument("--threads", type=_count, default=None, help=THREADS_HELP)
     b.add_argument("--seconds", type=_positive, default=3.0,
                    help="wall seconds of each timed measurement (matmuls, conv shapes, each step kind per round)")
-    b.add_argument("--steps", type=int, default=3, help="real training steps profiled for the breakdown (0: none)")
+    b.add_argument("--steps", type=int, default=2, help="real training steps profiled for the breakdown (0: none)")
     b.add_argument("--json", default=None, metavar="OUT", help="also write every figure as JSON (default: print only)")
     b.add_argument("overrides", nargs="*", metavar="key=value")
     b.set_defaults(fn=_bench)

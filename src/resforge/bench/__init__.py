@@ -97,7 +97,7 @@ def pipeline_overhead(recipe: str, overrides=(), *, seconds: float = 3.0, rounds
             "runtime": rt.describe(), "load": _load()}
 
 
-def bench(target: str | Path | None = None, overrides=(), *, seconds: float = 3.0, steps: int = 3,
+def bench(target: str | Path | None = None, overrides=(), *, seconds: float = 3.0, steps: int = 2,
           rounds: int = 4, profile: bool = True, json_out: str | Path | None = None,
           matmul_sizes=MATMUL_SIZES, say=_say) -> dict:
     """Measure the limit and floors for a recipe (name or YAML path) or a finished run folder.
