@@ -10,6 +10,7 @@
     update(model, data, method=..., ...) -> UpdateRun                    (continual/update.py)
     versions(run) -> str                                                 (continual/update.py)
     fewshot(model, support, shots=K, ...) -> FewshotResult               (continual/fewshot.py)
+    bench(target=None, overrides=(), seconds=3, ...) -> dict             (bench/)
 
 A façade only: the functions live in the modules named, which compose pipeline.py (config ->
 data -> model -> runtime -> batches). Nothing inside resforge imports this module but cli.py,
@@ -17,6 +18,7 @@ so it can import everything without an import circle.
 """
 from __future__ import annotations
 
+from resforge.bench import bench
 from resforge.config import load_config
 from resforge.continual.fewshot import fewshot
 from resforge.continual.update import UpdateRun, update, versions_table
@@ -29,7 +31,8 @@ from resforge.infer import predict
 from resforge.train_run import TrainRun, train
 
 __all__ = ["train", "TrainRun", "evaluate", "predict", "scan", "load_config", "degradation",
-           "degradation_report", "finetune", "FinetuneRun", "lr_find", "update", "UpdateRun", "versions", "fewshot"]
+           "degradation_report", "finetune", "FinetuneRun", "lr_find", "update", "UpdateRun", "versions", "fewshot",
+           "bench"]
 
 
 def degradation(depths=(20, 56), seeds=(0,), **kwargs) -> dict:

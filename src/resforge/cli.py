@@ -18,6 +18,7 @@
     resforge versions RUN
     resforge fewshot MODEL --support DIR [--shots K] [--centre base|support|none] [--finetune-epochs N]
     resforge experiment degradation [--depths 20,56] [--epochs N] [--seeds S] [--jobs N] [--report] [key=value ...]
+    resforge bench [RECIPE_OR_RUN] [--data SRC] [--seconds S] [--steps N] [--json OUT] [key=value ...]
 
 Failures expected in use (a bad option or value, a missing or unreadable file, a full disk) are
 one line on stderr naming the file or value and what to do; `--debug` (or RESFORGE_DEBUG=1) shows
@@ -286,6 +287,39 @@ def _add_experiment(sub) -> None:
                         "up to their last epoch), e.g. while another process trains them")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
     g.set_defaults(fn=_degradation)
+
+
+def _bench(a) -> int:
+    overrides = [f"{SHORTCUTS[k]}={v}" for k in ("data", "threads") if (v := getattr(a, k)) is not None]
+    from resforge import api
+    result = api.bench(a.target, overrides + a.overrides, seconds=a.seconds, steps=a.steps, json_out=a.json)
+    from resforge.bench import format_bench
+    print(format_bench(result))
+    if a.json:
+        print(f"saved: {a.json}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    b = sub.add_parser("bench", help="this machine's peak FLOP/s, a recipe's compute floor, where a run's time went",
+                       description="Measure the sustained matmul peak (fp32; bf16 only where the CPU runs it "
+                                   "natively) and the recipe's own conv layers on the threads, precision and layout "
+                                   "a run would use; time the model's bare training step (synthetic in-memory "
+                                   "batch) against resforge's real one; print the recipe's training FLOPs and its "
+                                   "compute floors (FLOPs / peak, and images x the bare step). Given a finished run "
+                                   "folder: also its training wall time / each floor. A PyTorch-profiler breakdown "
+                                   "of a few real steps says where the rest goes. Run it on an idle machine: the "
+                                   "load average is printed.")
+    b.add_argument("target", nargs="?", default=None, metavar="RECIPE_OR_RUN",
+                   help="recipe name or YAML path, or a finished run folder (default: digits)")
+    b.add_argument("--data", default=None, help="= data.source (default: the recipe's, or the run's)")
+    b.add_argument("--threads", type=_count, default=None, help=THREADS_HELP)
+    b.add_argument("--seconds", type=_positive, default=3.0,
+                   help="wall seconds of each timed measurement (matmuls, conv shapes, each step kind per round)")
+    b.add_argument("--steps", type=int, default=2, help="real training steps profiled for the breakdown (0: none)")
+    b.add_argument("--json", default=None, metavar="OUT", help="also write every figure as JSON (default: print only)")
+    b.add_argument("overrides", nargs="*", metavar="key=value")
+    b.set_defaults(fn=_bench)
 
 
 FT_SHORTCUTS = {"epochs": "train.epochs", "lr": "optim.lr", "batch_size": "train.batch_size",
@@ -634,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_continual(sub)
     _add_cache(sub)
     _add_fewshot(sub)
+    _add_bench(sub)
     return p
 
 
@@ -688,9 +723,11 @@ def explain(exc: BaseException, args=None) -> tuple[int, str] | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # `update MODEL --data NEW key=value`: argparse fills both positionals at MODEL, so key=value
-    # items after the options arrive here; anything else unknown is the usual usage error.
-    if extra and getattr(args, "command", None) == "update" and all("=" in e and not e.startswith("-") for e in extra):
+    # `update MODEL --data NEW key=value` (and `bench RECIPE --seconds 2 key=value`): argparse fills
+    # both positionals at MODEL, so key=value items after the options arrive here; anything else
+    # unknown is the usual usage error.
+    if extra and getattr(args, "command", None) in ("update", "bench") and \
+            all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
