@@ -89,7 +89,8 @@ def test_inputs(cifar: Path, meta: dict, n: int = 64) -> np.ndarray:
 def export_pair(label: str, source: Path, arch: str, data: Path | None, cifar: Path, a) -> dict:
     """fp32 and int8 ONNX of one model, and the int8 export's accuracy record."""
     from resforge.checkpoint import load_for_inference
-    from resforge.export import export, export_model
+    from resforge.api import export
+    from resforge.export import export_model
     from resforge.quantize import Int8Options
 
     model, meta = load_for_inference(source, model_name=arch)

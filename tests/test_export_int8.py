@@ -15,7 +15,8 @@ import torch
 from deploy_helpers import digit_images, running_server, torch_one_thread, trained_run  # noqa: F401
 from resforge.artifact import ArtifactError
 from resforge.backends import OnnxBackend, load_backend
-from resforge.export import ExportError, export
+from resforge.api import export
+from resforge.export import ExportError
 from resforge.quantize import Int8Options, balanced_pick
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install resforge[onnx])")

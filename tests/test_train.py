@@ -53,8 +53,8 @@ def test_train_writes_a_complete_self_describing_run(tmp_path):
     assert compute["train_images_seen"] == rows["images_seen"][-1] == 4 * (len(run_split(run, "train")) // 128) * 128
     assert compute["train_flops"] == per_image["train"] * compute["train_images_seen"]
     assert compute["eval_images"] == 4 * 144                 # the val split once per epoch
-    assert compute["train_seconds"] == pytest.approx(rows["train_seconds"][-1], abs=1e-3)
-    assert compute["achieved_flops_per_s"] == pytest.approx(compute["train_flops"] / compute["train_seconds"], rel=1e-3)
+    assert compute["train_seconds"] == pytest.approx(rows["train_seconds"][-1], abs=0.006)
+    assert compute["achieved_flops_per_s"] == pytest.approx(compute["train_flops"] / rows["train_seconds"][-1], rel=1e-4)
     assert "## Compute" in (run.dir / "report.md").read_text()
     # a second run with the same name never overwrites the first
     assert _train(tmp_path).dir.name == "run-2"

@@ -32,7 +32,7 @@ from resforge.train_run import TrainRun, train
 
 __all__ = ["train", "TrainRun", "evaluate", "predict", "scan", "load_config", "degradation",
            "degradation_report", "finetune", "FinetuneRun", "lr_find", "update", "UpdateRun", "versions", "fewshot",
-           "bench"]
+           "bench", "export"]
 
 
 def degradation(depths=(20, 56), seeds=(0,), **kwargs) -> dict:
@@ -45,6 +45,20 @@ def degradation_report(depths=(20, 56), seeds=(0,), **kwargs) -> dict:
     """Redraw the degradation experiment's figures and table from its runs as they stand, training
     nothing (unfinished runs drawn up to their last epoch); see report_degradation."""
     return report_degradation(depths, seeds, **kwargs)
+
+
+def export(source, format: str = "onnx", out=None, *, int8=False, model_name=None, samples=None, **kwargs):
+    """Export to ONNX or TorchScript (export.py: parity-checked against PyTorch); `int8` (True,
+    a quantize.Int8Options or a dict of its fields) quantises an ONNX export (quantize.py:
+    accuracy-checked against the fp32 ONNX on the run's own test images)."""
+    from resforge.export import export as export_float
+    from resforge.quantize import export_int8_from, int8_options
+    if int8_options(int8) is None:
+        return export_float(source, format, out, model_name=model_name, samples=samples, **kwargs)
+    if format != "onnx":
+        raise ValueError(f"--int8 quantises ONNX exports only, not {format}: use --format onnx "
+                         "(TorchScript artifacts stay float32)")
+    return export_int8_from(source, out, int8=int8, model_name=model_name, samples=samples, **kwargs)
 
 
 def versions(run) -> str:

@@ -424,7 +424,7 @@ def _export(a) -> int:
         raise ValueError(f"--int8 quantises ONNX exports only, not {a.format}: use --format onnx "
                          "(TorchScript artifacts stay float32)")
     try:
-        from resforge.export import export
+        from resforge.api import export
         from resforge.quantize import Int8Options
         int8 = False
         if a.int8:

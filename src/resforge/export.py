@@ -65,6 +65,7 @@ class ExportResult:
     samples: str             # where the parity inputs came from
     seconds: float
     quantization: dict | None = None   # int8 exports: the accuracy check's record (resforge.quantize)
+    quantization_summary: str = ""     # ... and its line (quantize.describe), printed under the parity line
 
     def summary(self) -> str:
         q = self.quantization
@@ -73,33 +74,22 @@ class ExportResult:
                 f"({self.path.stat().st_size / 1e6:.1f} MB, {self.seconds:.1f}s)\n{parity} vs eager PyTorch on "
                 f"{self.n_samples} {self.samples}: max |logit diff| {self.max_abs_diff:.2e} "
                 f"({limit_text(self.limit)}), top-1 identical {100 * self.top1_agreement:.1f}%")
-        if q:
-            from resforge.quantize import describe
-            text += "\n" + describe(q)
+        if self.quantization_summary:
+            text += "\n" + self.quantization_summary
         return text
 
 
 def export(source: str | Path, format: str = "onnx", out: str | Path | None = None, *,
            model_name: str | None = None, samples: list[str | Path] | None = None,
-           atol: float = ATOL, int8=False) -> ExportResult:
+           atol: float = ATOL) -> ExportResult:
     """Export a run folder / checkpoint / weights file; see the module docstring.
-
-    int8: True or a resforge.quantize.Int8Options (calibration count, tolerance, data, ...) for a
-    statically quantised ONNX artifact, default name <weights>.int8.onnx beside the fp32 one."""
+    (int8 ONNX: resforge.quantize.export_int8_from, or resforge.api.export(..., int8=...).)"""
     from resforge.checkpoint import load_for_inference
-    from resforge.quantize import INT8_SUFFIX, export_int8, int8_options
     from resforge.weightfile import resolve_weights
 
     _check_format(format)
-    opts = int8_options(int8)
-    if opts is not None and format != "onnx":
-        raise ValueError(f"--int8 quantises ONNX exports only, not {format}: use --format onnx "
-                         "(TorchScript artifacts stay float32)")
     model, meta = load_for_inference(source, model_name=model_name)
-    suffix = INT8_SUFFIX if opts is not None else EXPORT_SUFFIX[format]
-    out = Path(out) if out else resolve_weights(source).with_suffix(suffix)
-    if opts is not None:
-        return export_int8(model, meta, out, source=source, opts=opts, samples=samples, atol=atol)
+    out = Path(out) if out else resolve_weights(source).with_suffix(EXPORT_SUFFIX[format])
     inputs, origin = sample_inputs(meta, samples)
     return export_model(model, meta, format, out, inputs=inputs, origin=origin, atol=atol)
 

@@ -61,7 +61,7 @@ def compute_record(model: nn.Module, input_size, *, images_seen: int, eval_image
             "flops_per_train_image": per["train"], "flops_per_eval_image": per["inference"],
             "train_images_seen": int(images_seen), "eval_images": int(eval_images),
             "train_flops": train, "eval_flops": per["inference"] * eval_images,
-            "train_seconds": round(pass_seconds, 3), "wall_seconds": round(wall_seconds, 3),
+            "train_seconds": round(pass_seconds, 2), "wall_seconds": round(wall_seconds, 2),
             "achieved_flops_per_s": train / pass_seconds if pass_seconds > 0 else None,
             "counter": "torch.utils.flop_counter: matrix products only, 2 FLOPs per multiply-add"}
 

@@ -96,6 +96,20 @@ def int8_options(value) -> Int8Options | None:
 # ---------------------------------------------------------------- the export
 
 
+def export_int8_from(source, out: str | Path | None = None, *, int8=True, model_name: str | None = None,
+                     samples: list | None = None, atol: float | None = None):
+    """`resforge export SOURCE --format onnx --int8`: the run folder / checkpoint / weights file's
+    model quantised to `out` (default <weights>.int8.onnx beside the fp32 export); `int8` as
+    int8_options takes it. -> export.ExportResult with its `quantization` record."""
+    from resforge.checkpoint import load_for_inference
+    from resforge.weightfile import resolve_weights
+
+    opts = int8_options(int8) or Int8Options()
+    model, meta = load_for_inference(source, model_name=model_name)
+    out = Path(out) if out else resolve_weights(source).with_suffix(INT8_SUFFIX)
+    return export_int8(model, meta, out, source=source, opts=opts, samples=samples, atol=atol)
+
+
 def export_int8(model, meta: dict, out: str | Path, *, source, opts: Int8Options,
                 samples: list | None = None, atol: float | None = None):
     """Quantise `model` (eager, with its checkpoint meta) to `out`; see the module docstring.
@@ -130,7 +144,8 @@ def export_int8(model, meta: dict, out: str | Path, *, source, opts: Int8Options
         for t in temps:
             t.unlink(missing_ok=True)
     return ExportResult(out, "onnx", fp32.max_abs_diff, fp32.limit, fp32.top1_agreement, fp32.n_samples,
-                        fp32.samples, time.perf_counter() - t0, quantization=record)
+                        fp32.samples, time.perf_counter() - t0, quantization=record,
+                        quantization_summary=describe(record))
 
 
 def _parity_inputs(bundle, prep, origin: str) -> tuple[np.ndarray, str]:

@@ -101,7 +101,10 @@ def run_work(run_dir: Path, cfg: RunConfig, report: dict, flops: dict, tta_views
         images = int(c["train_images_seen"])
         return Work(float(c["flops_per_train_image"]), float(c.get("flops_per_eval_image", flops["inference"])),
                     images, int(c.get("eval_images", 0)), -(-images // cfg.train.batch_size), final,
-                    float(c["train_flops"]), "report.json compute", _seconds(c.get("train_seconds"), report))
+                    # the record keeps training and in-training evaluation apart; the floors cover both,
+                    # so they are set against the wall seconds that include the evaluation
+                    float(c["train_flops"]) + float(c.get("eval_flops") or 0.0), "report.json compute",
+                    _seconds(c.get("wall_seconds", c.get("train_seconds")), report))
     rows = _metrics_rows(run_dir)
     epochs = int(report.get("epochs_run", len(rows) or cfg.train.epochs))
     n_train, n_val = int(splits.get("train", 0)), int(splits.get("val", 0))
