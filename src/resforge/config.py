@@ -65,10 +65,11 @@ class AugConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"                 # sgd (Nesterov) | adam | adamw
+    name: str = "sgd"                 # sgd (Nesterov) | adam | adamw | muon (Muon for the hidden filters, muon_companion
+                                      # for the stem, head, BN and biases; training/muon.py)
     lr: float = 0.1                   # peak learning rate (after warm-up)
     momentum: float = 0.9             # sgd momentum (adam/adamw use their own betas)
-    nesterov: bool = True             # sgd: Nesterov momentum
+    nesterov: bool = True             # sgd and muon: Nesterov momentum
     weight_decay: float = 5e-4        # L2 penalty (decoupled for adamw)
     no_decay_norm_bias: bool = True   # exclude BN parameters and biases from weight decay
     schedule: str = "onecycle"        # onecycle | cosine | step | linear | constant
@@ -79,6 +80,16 @@ class OptimConfig:
     gamma: float = 0.1                # step: factor at each milestone
     label_smoothing: float = 0.0      # target mass spread over the other classes, in [0, 1)
     clip_grad: float | None = None    # max global grad norm
+    muon_lr: float = 0.02             # muon: the filters' peak rate (the same schedule as optim.lr). Muon's step is
+                                      # orthogonalised (every singular value ~1), so this is the step's size, not
+                                      # a multiple of the gradient's: it does not change with the loss reduction
+    muon_momentum: float = 0.95       # muon: the filters' momentum (optim.momentum is the companion's)
+    muon_weight_decay: float = 0.0    # muon: decoupled decay of the filters, w <- w (1 - lr * this) per step
+    muon_normalize: bool = False      # muon: rescale each filter to Frobenius norm sqrt(out_channels) before its
+                                      # step, so the rate stays relative to the filter (true only for filters that
+                                      # feed BatchNorm, whose output ignores their scale: resforge's CNNs)
+    muon_ns_steps: int = 5            # muon: Newton-Schulz iterations of the orthogonalisation
+    muon_companion: str = "sgd"       # muon: the optimiser of everything Muon leaves out: sgd | adam | adamw
     lr_scaling: str = "none"          # none | linear | sqrt: peak rate = lr * f(train.batch_size / lr_base_batch),
                                       # e.g. to keep a recipe's rate when the global batch grows with the GPUs
     lr_base_batch: int = 256          # the batch that optim.lr was tuned for (used by lr_scaling)
@@ -415,7 +426,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | dict | None = 
 
 CHOICES = {
     ("aug", "flip"): ("none", "random", "alternate"),
-    ("optim", "name"): ("sgd", "adam", "adamw"),
+    ("optim", "name"): ("sgd", "adam", "adamw", "muon"),
+    ("optim", "muon_companion"): ("sgd", "adam", "adamw"),
     ("optim", "schedule"): ("onecycle", "cosine", "step", "linear", "constant"),
     ("optim", "milestone_unit"): ("auto", "fraction", "epoch", "step"),
     ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
@@ -464,6 +476,10 @@ RANGES = {
     "optim.gamma": (0, _INF, "()"),
     "optim.label_smoothing": (0, 1, "[)"),
     "optim.clip_grad": (0, _INF, "()"),
+    "optim.muon_lr": (0, _INF, "()"),
+    "optim.muon_momentum": (0, 1, "[)"),
+    "optim.muon_weight_decay": (0, _INF, "[)"),
+    "optim.muon_ns_steps": (1, 99, "[]"),
     "train.epochs": (1, 1_000_000, "[]"),
     "train.batch_size": (1, 1_000_000, "[]"),
     "train.accumulate": (1, 1_000_000, "[]"),
