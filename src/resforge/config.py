@@ -61,6 +61,11 @@ class AugConfig:
     rrc_scale: tuple[float, float] = (0.35, 1.0)  # random_resized_crop: [min, max] area fraction kept
     mixup: float = 0.0                # Beta(a, a) parameter; 0 = off
     cutmix: float = 0.0               # Beta(a, a) parameter; 0 = off
+    resize_start: int | None = None   # progressive resizing: the first epoch trains on images resized (bilinear,
+                                      # on the device, after the other augmentations) to this side; None = off.
+                                      # Evaluation is always at full size. Needs a network that pools globally
+    resize_ramp: float = 0.5          # progressive resizing: the side grows linearly from resize_start to full over
+                                      # this fraction of train.epochs (one size per epoch), the rest is full size
 
 
 @dataclass
@@ -466,6 +471,8 @@ RANGES = {
     "aug.mixup": (0, _INF, "[)"),
     "aug.cutmix": (0, _INF, "[)"),
     "aug.rrc_scale": (0, 1, "(]"),
+    "aug.resize_start": (1, MAX_IMAGE_SIZE, "[]"),
+    "aug.resize_ramp": (0, 1, "(]"),
     "optim.lr": (0, _INF, "()"),
     "optim.momentum": (0, 1, "[)"),
     "optim.weight_decay": (0, _INF, "[)"),
@@ -605,6 +612,9 @@ def _check_combinations(cfg: RunConfig) -> None:
     if t.fit_budget and not t.max_seconds:
         raise ConfigError("train.fit_budget=true sizes the schedule to train.max_seconds: set it too "
                           "(e.g. train.max_seconds=2400 for 40 minutes)")
+    if a.resize_start is not None and t.fit_budget:
+        raise ConfigError("train.fit_budget times full-size steps, so it cannot size a schedule whose first epochs "
+                          "train on smaller images (aug.resize_start): set train.epochs instead")
     if a.rrc_scale[0] > a.rrc_scale[1]:
         raise ConfigError(f"aug.rrc_scale={_show(a.rrc_scale)}: the minimum comes first ([min, max], e.g. [0.35, 1.0])")
     if list(o.milestones) != sorted(o.milestones):
@@ -619,6 +629,9 @@ def _check_combinations(cfg: RunConfig) -> None:
     for key, v in (("aug.translate", a.translate), ("aug.cutout", a.cutout)):
         if size is not None and v > size:
             raise ConfigError(f"{key}={v} is larger than the images (data.image_size={size})")
+    if size is not None and a.resize_start is not None and a.resize_start >= size:
+        raise ConfigError(f"aug.resize_start={a.resize_start} must be smaller than the images (data.image_size={size}) "
+                          "to save work; null turns progressive resizing off")
     if t.precision == "fp16":
         from resforge.training.device_names import parse_device
         if parse_device(t.device)[0] in ("cpu", "mps"):
