@@ -150,3 +150,9 @@ def test_muon_without_any_hidden_filter_says_so():
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))               # stem + head only
     with pytest.raises(ValueError, match="no hidden filter"):
         build_optimizer(param_groups(model, 0.0, True, muon=True), OptimConfig(**MUON))
+
+
+def test_lr_find_refuses_muon_whose_filters_do_not_follow_optim_lr():
+    from resforge.finetune.lrfind import lr_range_test
+    with pytest.raises(ValueError, match="run it with optim.name=sgd"):
+        lr_range_test(mlp(), None, None, None, OptimConfig(**MUON), None)

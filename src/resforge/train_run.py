@@ -108,7 +108,8 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
         results = evaluate_bundle(result.model, bundle, augment, rt, cfg.eval.splits, cfg.eval.tta,
                                   cfg.train.eval_batch_size, cfg.data.workers, keep_logits=kept)
         if is_main_process():
-            _finish_run(run_dir, meta, results, bundle, result, cfg, augment, kept, len(tb) * cfg.train.batch_size)
+            flops = training_flops_record(model, bundle, cfg, augment, result.state, len(tb) * cfg.train.batch_size)
+            _finish_run(run_dir, meta, results, bundle, result, cfg, augment, kept, flops)
         D.barrier()                    # no rank exits (and ends the job) before rank 0 has written
         D.forget(cfg.train.project)
     except KeyboardInterrupt:
@@ -150,7 +151,7 @@ def _fit_budget(cfg: RunConfig, model: nn.Module, tb, eval_batches: list, augmen
 
 
 def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cfg: RunConfig,
-                augment: Augmenter, kept: dict, epoch_images: int) -> None:
+                augment: Augmenter, kept: dict, flops: dict) -> None:
     """The OOD threshold into the sidecars; report.md/report.json (results, health warnings, TTA and
     OOD records) and results.png of a finished run."""
     # The threshold is fitted on the final model's val logits, which exist only now; 'best' was
@@ -168,8 +169,7 @@ def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cf
         extra["bn_recalibration"] = fit_result.bn_recalibration
     if cfg.eval.tta:
         extra["tta"] = tta_record(augment, "the run's aug config")
-    extra["training_flops"] = training_flops_record(fit_result.model, bundle, cfg, augment, fit_result.state,
-                                                    epoch_images)
+    extra["training_flops"] = flops
     extra["ood"] = ood.summary(record, kept)
     if "distributed" in meta:
         extra["distributed"] = meta["distributed"]
@@ -189,7 +189,8 @@ def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cf
 def training_flops_record(model: nn.Module, bundle, cfg: RunConfig, augment: Augmenter, state,
                           epoch_images: int) -> dict:
     """report.json's training_flops: flops.run_flops over the epochs run, each at the size it trained at
-    (progressive resizing), with epoch_images = steps per epoch x batch (at most the split's images)."""
+    (progressive resizing), with epoch_images = steps per epoch x batch (at most the split's images).
+    model: the trained one, not an EMA copy (whose frozen parameters no optimiser steps)."""
     sizes = [augment.train_hw(e) for e in range(state.epoch)]
     images = min(epoch_images, len(bundle.splits["train"].labels)) if "train" in bundle.splits else epoch_images
     try:
