@@ -70,6 +70,7 @@ def test_run_flops_count_each_epoch_at_its_size():
 
 def test_train_with_both_records_sizes_and_flops_in_the_report(tmp_path):
     run = resforge.train("digits", ["data.image_size=8", "aug.resize_start=4", "optim.name=muon", "train.epochs=2",
+                                    "train.ema=0.9",   # an EMA copy is not what the optimiser steps
                                     "train.progress=false", f"train.project={tmp_path}", "eval.splits=[test]"])
     flops = json.loads((run.dir / "report.json").read_text())["training_flops"]
     assert flops["progressive_resize"]["sizes"] == ["4x4", "8x8"] and flops["optimizer"] > 0
@@ -90,3 +91,17 @@ def test_bad_resize_values_are_one_clear_sentence(overrides, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         load_config("digits", overrides)
 
+
+
+def test_bench_counts_the_full_recipes_flops_without_training():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "bench" / "fewer_flops.py"
+    spec = importlib.util.spec_from_file_location("fewer_flops", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    recipe = bench.planned_flops("cifar10-fast", [])
+    per_image = count_flops(resforge.create_model("airbench94"), (3, 32, 32))["train"]
+    assert recipe["train"] == 10 * 48 * 1024 * per_image                  # 48 full batches of 1024 per epoch
+    both = bench.planned_flops("cifar10-fast", ["optim.name=muon", "aug.resize_start=16"])
+    assert 0 < both["optimizer"] < 0.03 * both["train"] and both["train"] < 0.80 * recipe["train"]
