@@ -61,14 +61,20 @@ class AugConfig:
     rrc_scale: tuple[float, float] = (0.35, 1.0)  # random_resized_crop: [min, max] area fraction kept
     mixup: float = 0.0                # Beta(a, a) parameter; 0 = off
     cutmix: float = 0.0               # Beta(a, a) parameter; 0 = off
+    resize_start: int | None = None   # progressive resizing: the first epoch trains on images resized (bilinear,
+                                      # on the device, after the other augmentations) to this side; None = off.
+                                      # Evaluation is always at full size. Needs a network that pools globally
+    resize_ramp: float = 0.5          # progressive resizing: the side grows linearly from resize_start to full over
+                                      # this fraction of train.epochs (one size per epoch), the rest is full size
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"                 # sgd (Nesterov) | adam | adamw
+    name: str = "sgd"                 # sgd (Nesterov) | adam | adamw | muon (Muon for the hidden filters, muon_companion
+                                      # for the stem, head, BN and biases; training/muon.py)
     lr: float = 0.1                   # peak learning rate (after warm-up)
     momentum: float = 0.9             # sgd momentum (adam/adamw use their own betas)
-    nesterov: bool = True             # sgd: Nesterov momentum
+    nesterov: bool = True             # sgd and muon: Nesterov momentum
     weight_decay: float = 5e-4        # L2 penalty (decoupled for adamw)
     no_decay_norm_bias: bool = True   # exclude BN parameters and biases from weight decay
     schedule: str = "onecycle"        # onecycle | cosine | step | linear | constant
@@ -79,6 +85,16 @@ class OptimConfig:
     gamma: float = 0.1                # step: factor at each milestone
     label_smoothing: float = 0.0      # target mass spread over the other classes, in [0, 1)
     clip_grad: float | None = None    # max global grad norm
+    muon_lr: float = 0.02             # muon: the filters' peak rate (the same schedule as optim.lr). Muon's step is
+                                      # orthogonalised (every singular value ~1), so this is the step's size, not
+                                      # a multiple of the gradient's: it does not change with the loss reduction
+    muon_momentum: float = 0.95       # muon: the filters' momentum (optim.momentum is the companion's)
+    muon_weight_decay: float = 0.0    # muon: decoupled decay of the filters, w <- w (1 - lr * this) per step
+    muon_normalize: bool = False      # muon: rescale each filter to Frobenius norm sqrt(out_channels) before its
+                                      # step, so the rate stays relative to the filter (true only for filters that
+                                      # feed BatchNorm, whose output ignores their scale: resforge's CNNs)
+    muon_ns_steps: int = 5            # muon: Newton-Schulz iterations of the orthogonalisation
+    muon_companion: str = "sgd"       # muon: the optimiser of everything Muon leaves out: sgd | adam | adamw
     lr_scaling: str = "none"          # none | linear | sqrt: peak rate = lr * f(train.batch_size / lr_base_batch),
                                       # e.g. to keep a recipe's rate when the global batch grows with the GPUs
     lr_base_batch: int = 256          # the batch that optim.lr was tuned for (used by lr_scaling)
@@ -415,7 +431,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | dict | None = 
 
 CHOICES = {
     ("aug", "flip"): ("none", "random", "alternate"),
-    ("optim", "name"): ("sgd", "adam", "adamw"),
+    ("optim", "name"): ("sgd", "adam", "adamw", "muon"),
+    ("optim", "muon_companion"): ("sgd", "adam", "adamw"),
     ("optim", "schedule"): ("onecycle", "cosine", "step", "linear", "constant"),
     ("optim", "milestone_unit"): ("auto", "fraction", "epoch", "step"),
     ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
@@ -454,6 +471,8 @@ RANGES = {
     "aug.mixup": (0, _INF, "[)"),
     "aug.cutmix": (0, _INF, "[)"),
     "aug.rrc_scale": (0, 1, "(]"),
+    "aug.resize_start": (1, MAX_IMAGE_SIZE, "[]"),
+    "aug.resize_ramp": (0, 1, "(]"),
     "optim.lr": (0, _INF, "()"),
     "optim.momentum": (0, 1, "[)"),
     "optim.weight_decay": (0, _INF, "[)"),
@@ -464,6 +483,10 @@ RANGES = {
     "optim.gamma": (0, _INF, "()"),
     "optim.label_smoothing": (0, 1, "[)"),
     "optim.clip_grad": (0, _INF, "()"),
+    "optim.muon_lr": (0, _INF, "()"),
+    "optim.muon_momentum": (0, 1, "[)"),
+    "optim.muon_weight_decay": (0, _INF, "[)"),
+    "optim.muon_ns_steps": (1, 99, "[]"),
     "train.epochs": (1, 1_000_000, "[]"),
     "train.batch_size": (1, 1_000_000, "[]"),
     "train.accumulate": (1, 1_000_000, "[]"),
@@ -589,6 +612,9 @@ def _check_combinations(cfg: RunConfig) -> None:
     if t.fit_budget and not t.max_seconds:
         raise ConfigError("train.fit_budget=true sizes the schedule to train.max_seconds: set it too "
                           "(e.g. train.max_seconds=2400 for 40 minutes)")
+    if a.resize_start is not None and t.fit_budget:
+        raise ConfigError("train.fit_budget times full-size steps, so it cannot size a schedule whose first epochs "
+                          "train on smaller images (aug.resize_start): set train.epochs instead")
     if a.rrc_scale[0] > a.rrc_scale[1]:
         raise ConfigError(f"aug.rrc_scale={_show(a.rrc_scale)}: the minimum comes first ([min, max], e.g. [0.35, 1.0])")
     if list(o.milestones) != sorted(o.milestones):
@@ -603,6 +629,9 @@ def _check_combinations(cfg: RunConfig) -> None:
     for key, v in (("aug.translate", a.translate), ("aug.cutout", a.cutout)):
         if size is not None and v > size:
             raise ConfigError(f"{key}={v} is larger than the images (data.image_size={size})")
+    if size is not None and a.resize_start is not None and a.resize_start >= size:
+        raise ConfigError(f"aug.resize_start={a.resize_start} must be smaller than the images (data.image_size={size}) "
+                          "to save work; null turns progressive resizing off")
     if t.precision == "fp16":
         from resforge.training.device_names import parse_device
         if parse_device(t.device)[0] in ("cpu", "mps"):

@@ -72,3 +72,18 @@ def describe(record: dict) -> str:
     return (f"compute: {record['flops_per_train_image'] / 1e6:.1f} MFLOPs per training image x "
             f"{record['train_images_seen']:,} images = {record['train_flops']:.3g} training FLOPs"
             + (f", {rate / 1e9:.1f} GFLOP/s achieved in the training passes" if rate else ""))
+
+
+def run_flops(model: nn.Module, channels: int, sizes: list[tuple[int, int]], images_per_epoch: int,
+              steps: int = 0, optimizer_flops_per_step: float = 0.0) -> dict:
+    """What a fit cost: sizes[e] is epoch e's training image size (progressive resizing varies
+    it), each epoch sees images_per_epoch images; the optimiser's own products (Muon's
+    Newton-Schulz) add optimizer_flops_per_step per step.  -> {"train" (total), "network",
+    "optimizer", "per_image_train" {"HxW": FLOPs}, "epochs_at" {"HxW": epochs}}."""
+    per_size = {hw: count_flops(model, (channels, *hw))["train"] for hw in sorted(set(sizes))}
+    network = sum(per_size[hw] * images_per_epoch for hw in sizes)
+    optimizer = optimizer_flops_per_step * steps
+    name = lambda hw: f"{hw[0]}x{hw[1]}"                    # noqa: E731
+    return {"train": network + optimizer, "network": network, "optimizer": optimizer,
+            "per_image_train": {name(hw): f for hw, f in per_size.items()},
+            "epochs_at": {name(hw): sizes.count(hw) for hw in per_size}}

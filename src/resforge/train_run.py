@@ -22,7 +22,7 @@ from resforge import ood
 from resforge.checkpoint import add_to_sidecars, save_checkpoint, save_state
 from resforge.config import RunConfig, load_config
 from resforge.data.augment import Augmenter
-from resforge.flops import compute_record, describe as describe_compute
+from resforge.flops import compute_record, describe as describe_compute, run_flops
 from resforge.pipeline import (build_model, evaluate_bundle, init_from_data, normalisation, place_model,
                                prepare_data, split_counts, start_runtime, train_batches, tta_record,
                                val_batches, write_run_files)
@@ -33,7 +33,7 @@ from resforge.training.budget import plan_epochs
 from resforge.training.device import Runtime
 from resforge.training.health import diagnose, format_warnings
 from resforge.training.loop import fit, soft_cross_entropy
-from resforge.training.optim import batch_scale
+from resforge.training.optim import batch_scale, optimizer_flops_per_step
 from resforge.weightfile import resolve_weights
 from resforge.training.probes import train_eval_batches
 
@@ -75,7 +75,9 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
     if snap is None and not cfg.model.pretrained:
         init_from_data(model, bundle, mean, std)
     model = place_model(model, rt)
-    augment = Augmenter(cfg.aug, mean, std, len(bundle.class_names), bundle.image_size, seed=cfg.train.seed)
+    augment = Augmenter(cfg.aug, mean, std, len(bundle.class_names), bundle.image_size, seed=cfg.train.seed,
+                        epochs=cfg.train.epochs)
+    augment.check_model(model, bundle.channels, rt.device)      # progressive resizing: can it take the sizes?
     tb, vb = train_batches(cfg, bundle, rt), val_batches(cfg, bundle, rt)
     teb = train_eval_batches(bundle, cfg.train.eval_train, rt.device, cfg.train.eval_batch_size, cfg.data.workers)
     if cfg.train.fit_budget and snap is None:
@@ -106,7 +108,8 @@ def train(recipe: str | None = None, overrides: list[str] | dict | None = None, 
         results = evaluate_bundle(result.model, bundle, augment, rt, cfg.eval.splits, cfg.eval.tta,
                                   cfg.train.eval_batch_size, cfg.data.workers, keep_logits=kept)
         if is_main_process():
-            _finish_run(run_dir, meta, results, bundle, result, cfg, augment, kept)
+            flops = training_flops_record(model, bundle, cfg, augment, result.state, len(tb) * cfg.train.batch_size)
+            _finish_run(run_dir, meta, results, bundle, result, cfg, augment, kept, flops)
         D.barrier()                    # no rank exits (and ends the job) before rank 0 has written
         D.forget(cfg.train.project)
     except KeyboardInterrupt:
@@ -148,7 +151,7 @@ def _fit_budget(cfg: RunConfig, model: nn.Module, tb, eval_batches: list, augmen
 
 
 def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cfg: RunConfig,
-                augment: Augmenter, kept: dict) -> None:
+                augment: Augmenter, kept: dict, flops: dict) -> None:
     """The OOD threshold into the sidecars; report.md/report.json (results, health warnings, TTA and
     OOD records) and results.png of a finished run."""
     # The threshold is fitted on the final model's val logits, which exist only now; 'best' was
@@ -168,9 +171,14 @@ def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cf
     extra["compute"] = compute_record(fit_result.model, meta["input_size"], images_seen=st.images_seen,
                                       eval_images=st.eval_images, pass_seconds=st.pass_seconds,
                                       wall_seconds=st.seconds)
+    if isinstance(flops.get("train"), float):  # progressive resizing / Muon: each epoch at its size, + optimiser
+        c = extra["compute"]
+        c["train_flops"], c["detail"] = flops["train"], "training_flops (per size, optimiser products)"
+        c["achieved_flops_per_s"] = flops["train"] / st.pass_seconds if st.pass_seconds > 0 else None
     say(describe_compute(extra["compute"]))
     if cfg.eval.tta:
         extra["tta"] = tta_record(augment, "the run's aug config")
+    extra["training_flops"] = flops
     extra["ood"] = ood.summary(record, kept)
     if "distributed" in meta:
         extra["distributed"] = meta["distributed"]
@@ -185,6 +193,24 @@ def _finish_run(run_dir: Path, meta: dict, results: dict, bundle, fit_result, cf
     summary = "  ".join(f"{s} top1 {r['top1']:.4f}" for s, r in results.items())
     say(f"done in {fit_result.train_seconds:.1f}s: {summary}\nreport: {run_dir / 'report.md'}\n"
         f"weights: {resolve_weights(run_dir)}")
+
+
+def training_flops_record(model: nn.Module, bundle, cfg: RunConfig, augment: Augmenter, state,
+                          epoch_images: int) -> dict:
+    """report.json's training_flops: flops.run_flops over the epochs run, each at the size it trained at
+    (progressive resizing), with epoch_images = steps per epoch x batch (at most the split's images).
+    model: the trained one, not an EMA copy (whose frozen parameters no optimiser steps)."""
+    sizes = [augment.train_hw(e) for e in range(state.epoch)]
+    images = min(epoch_images, len(bundle.splits["train"].labels)) if "train" in bundle.splits else epoch_images
+    try:
+        record = run_flops(model, bundle.channels, sizes, images, state.step, optimizer_flops_per_step(model, cfg.optim))
+    except (RuntimeError, ValueError, TypeError) as e:          # a count must not cost a finished run its report
+        return {"error": f"not counted: {str(e).splitlines()[0]}"}
+    record["images_per_epoch"] = images
+    if augment.sizes is not None:
+        record["progressive_resize"] = {"start": cfg.aug.resize_start, "ramp": cfg.aug.resize_ramp,
+                                        "sizes": [f"{h}x{w}" for h, w in sizes]}
+    return record
 
 
 def _split_sizes(bundle) -> str:

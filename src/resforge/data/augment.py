@@ -104,13 +104,70 @@ def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, g: torch.Generator,
     return x, lam * onehot + (1 - lam) * onehot[perm]
 
 
-class Augmenter:
-    """uint8 batch (B, C, H, W) -> normalised float batch + targets, per AugConfig."""
+def progressive_sizes(full_hw: tuple[int, int], start: int, ramp: float, epochs: int) -> list[tuple[int, int]]:
+    """Training image size per epoch: the longer side grows linearly from `start` at epoch 0
+    towards full over the first round(ramp * epochs) epochs (one size per epoch, the shorter
+    side in proportion), then stays full.  E.g. 32 px, start 16, ramp 0.5, 4 epochs:
+    16, 24, 32, 32."""
+    side = max(full_hw)
+    if not 1 <= start < side:
+        raise ValueError(f"aug.resize_start={start} must be smaller than the images' {side} px side")
+    ramp_epochs = max(1, math.floor(ramp * epochs + 0.5))       # nearest, halves up
+    sizes = []
+    for e in range(epochs):
+        s = start + (side - start) * e / ramp_epochs if e < ramp_epochs else side
+        sizes.append(tuple(max(1, round(d * s / side)) for d in full_hw))
+    return sizes
 
-    def __init__(self, cfg: AugConfig, mean, std, num_classes: int, out_hw: tuple[int, int], seed: int = 0):
+
+def resize_batch(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """The whole batch resampled to hw in one call (bilinear; antialiased when shrinking)."""
+    if tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    return F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
+
+
+class Augmenter:
+    """uint8 batch (B, C, H, W) -> normalised float batch + targets, per AugConfig.
+    epochs: the run's train.epochs, which progressive resizing (aug.resize_start) needs to
+    place its sizes; evaluation views (eval_view, tta_views) are always at out_hw."""
+
+    def __init__(self, cfg: AugConfig, mean, std, num_classes: int, out_hw: tuple[int, int], seed: int = 0,
+                 epochs: int | None = None):
         self.cfg, self.num_classes, self.out_hw, self.seed = cfg, num_classes, tuple(out_hw), seed
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.sizes = None                       # training size per epoch; None: always out_hw
+        if cfg.resize_start is not None:
+            if epochs is None:
+                raise ValueError("aug.resize_start (progressive resizing) is supported by `resforge train` only: "
+                                 "set it to null here")
+            self.sizes = progressive_sizes(self.out_hw, cfg.resize_start, cfg.resize_ramp, epochs)
+
+    def train_hw(self, epoch: int) -> tuple[int, int]:
+        """The size of epoch `epoch`'s training images (0-based; past the plan: full size)."""
+        return self.sizes[epoch] if self.sizes is not None and epoch < len(self.sizes) else self.out_hw
+
+    def check_model(self, model, channels: int, device) -> None:
+        """Progressive resizing feeds the network smaller images than it is evaluated on: one
+        forward at the smallest size (eval mode, no gradients) tells now whether it can."""
+        if self.sizes is None:
+            return
+        hw = min(self.sizes)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(2, channels, *hw, device=device))
+        except RuntimeError as e:
+            raise ValueError(f"aug.resize_start={self.cfg.resize_start}: the network cannot take {hw[0]}x{hw[1]} "
+                             f"inputs ({str(e).splitlines()[0]}); progressive resizing needs one that pools globally "
+                             "and is not too deep for the size: raise aug.resize_start or set it to null") from None
+        finally:
+            model.train(was_training)
+        if out.ndim != 2 or out.shape[1] != self.num_classes:
+            raise ValueError(f"aug.resize_start={self.cfg.resize_start}: at {hw[0]}x{hw[1]} the network returns "
+                             f"shape {tuple(out.shape)}, not (batch, {self.num_classes}): set aug.resize_start to null")
 
     def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
         mean, std = self.mean.to(x_u8.device), self.std.to(x_u8.device)
@@ -145,6 +202,7 @@ class Augmenter:
             x = flip_where(x, alternating_flip_mask(index.to(x.device), epoch, self.seed))
         x = random_translate(x, c.translate, g)
         x = cutout(x, c.cutout, g)
+        x = resize_batch(x, self.train_hw(epoch))          # progressive resizing; a no-op at full size
         if c.mixup > 0 or c.cutmix > 0:
             return mix(x, y, self.num_classes, g, c.mixup, c.cutmix)
         return x, y

@@ -39,6 +39,9 @@ def lr_range_test(model: nn.Module, batches, augment, rt, optim_cfg: OptimConfig
     """-> {"lrs", "losses" (raw), "smoothed", "suggested", "min_loss_lr", "stopped_early"}."""
     if not 0 < start < end:
         raise ValueError(f"lr-find: need 0 < start < end, got start={start}, end={end}")
+    if optim_cfg.name == "muon":
+        raise ValueError("lr-find sweeps optim.lr, which optim.name=muon leaves to the companion while the filters "
+                         "follow optim.muon_lr: run it with optim.name=sgd (the companion's rate)")
     saved = copy.deepcopy(model.state_dict())
     groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_norm_bias, lr_scale)
     opt = build_optimizer(groups, dataclasses.replace(optim_cfg, lr=1.0))

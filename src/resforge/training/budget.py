@@ -68,7 +68,8 @@ def _time_steps(model: nn.Module, batches, augment: Augmenter, rt: Runtime, opti
                 train_cfg: TrainConfig, loss_fn: Callable) -> float:
     """Median seconds of one training step (batch fetch + augmentation + forward/backward + update,
     with the run's clipping and gradient-norm probes), after WARMUP untimed steps."""
-    opt = build_optimizer(param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_norm_bias, None), optim_cfg)
+    opt = build_optimizer(param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_norm_bias, None,
+                                       muon=optim_cfg.name == "muon"), optim_cfg)
     updater = Updater(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), clip_grad=optim_cfg.clip_grad,
                       grad_meter=GradNormMeter(model) if train_cfg.grad_norms else None)
     model.train()

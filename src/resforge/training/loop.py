@@ -288,7 +288,8 @@ def fit(model: nn.Module, train_batches, val_batches, augment: Augmenter, rt: Ru
                  f"{optim_cfg.lr * k:.4g} for the global batch {train_cfg.batch_size} "
                  f"(optim.lr_base_batch={optim_cfg.lr_base_batch})")
         optim_cfg = replace(optim_cfg, lr=optim_cfg.lr * k)
-    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_norm_bias, lr_scale)
+    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_norm_bias, lr_scale,
+                          muon=optim_cfg.name == "muon")
     opt = build_optimizer(groups, optim_cfg)
     sched = build_scheduler(opt, optim_cfg, train_cfg.epochs, len(train_batches))
     total_steps = train_cfg.epochs * len(train_batches)

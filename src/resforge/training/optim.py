@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from resforge.config import OptimConfig
+from resforge.training.muon import MuonWithCompanion, newton_schulz_flops
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool,
-                 lr_scale: dict[str, float] | None = None, hints: dict[str, dict] | None = None) -> list[dict]:
+                 lr_scale: dict[str, float] | None = None, hints: dict[str, dict] | None = None,
+                 muon: bool = False) -> list[dict]:
     """Split trainable parameters into decay / no-decay groups (BN weights and all biases are
     1-D, so `ndim <= 1` identifies them).  `lr_scale` maps a parameter-name prefix to a rate
     multiplier (longest prefix wins) for discriminative fine-tuning.
@@ -24,10 +26,14 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool
     `hints` (default: `model.param_group_hints()` when the model defines it) maps a parameter
     name or name prefix (longest wins) to {"frozen": bool, "lr_scale": x, "wd_scale": x,
     "weight_decay": absolute}: model-specific rules such as airbench's frozen BN scales and
-    64x BN-bias rate.  Hint lr_scale multiplies the `lr_scale` table's."""
+    64x BN-bias rate.  Hint lr_scale multiplies the `lr_scale` table's.
+
+    muon: the hidden filters (trainable >= 2-D weights outside the stem and the head, see
+    `hidden_filters`) go to groups of their own marked "muon": True (optim.name=muon)."""
     if hints is None:
         hints = model.param_group_hints() if hasattr(model, "param_group_hints") else {}
-    groups: dict[tuple[float, float], list] = {}
+    filters = hidden_filters(model) if muon else set()
+    groups: dict[tuple[float, float, bool], list] = {}
     for name, p in model.named_parameters():
         hint = _hint_for(name, hints)
         if not p.requires_grad or hint.get("frozen", False):
@@ -35,8 +41,23 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool
         wd = 0.0 if (no_decay_norm_bias and p.ndim <= 1) else weight_decay
         wd = hint.get("weight_decay", wd * hint.get("wd_scale", 1.0))
         scale = _prefix_lookup(name, lr_scale or {}) * hint.get("lr_scale", 1.0)
-        groups.setdefault((wd, scale), []).append(p)
-    return [{"params": ps, "weight_decay": wd, "lr_scale": s} for (wd, s), ps in groups.items()]
+        groups.setdefault((wd, scale, id(p) in filters), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_scale": s, **({"muon": True} if m else {})}
+            for (wd, s, m), ps in groups.items()]
+
+
+def hidden_filters(model: nn.Module) -> set[int]:
+    """ids of the >= 2-D weights Muon is meant for: all but the stem's and the head's (Muon's
+    authors keep the first and last layers on a standard optimiser).  Stem and head are the first
+    and last of the model's `stage_names` (docs/DESIGN.md); a model without them loses its first
+    and last >= 2-D parameters.  Frozen parameters are left out by param_groups."""
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    names = getattr(model, "stage_names", None)
+    if names and hasattr(model, "get_stage"):
+        edges = {id(p) for stage in (names[0], names[-1]) for p in model.get_stage(stage).parameters()}
+    else:
+        edges = {id(p) for p in matrices[:1] + matrices[-1:]}
+    return {id(p) for p in matrices if id(p) not in edges}
 
 
 def _hint_for(name: str, hints: dict[str, dict]) -> dict:
@@ -50,20 +71,51 @@ def _prefix_lookup(name: str, table: dict[str, float]) -> float:
 
 
 def build_optimizer(params: Iterable | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimiser optim.name names over `params` (tensors, or param_groups' dicts whose
+    lr_scale multiplies optim.lr; groups marked "muon" multiply optim.muon_lr instead)."""
     groups = list(params)
-    for g in groups:
-        if isinstance(g, dict):
-            g["lr"] = cfg.lr * g.pop("lr_scale", 1.0)
     if not groups:
         raise ValueError("no trainable parameters: the freezing policy left nothing to optimise")
-    if cfg.name == "sgd":
+    for g in groups:
+        if isinstance(g, dict):
+            g["lr"] = (cfg.muon_lr if g.get("muon") else cfg.lr) * g.pop("lr_scale", 1.0)
+    if cfg.name == "muon":
+        return _muon(groups, cfg)
+    return _standard(cfg.name, groups, cfg)
+
+
+def _standard(name: str, groups: list, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
+    if name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
+    if name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimiser '{cfg.name}': use sgd, adam or adamw")
+    raise ValueError(f"unknown optimiser '{name}': use sgd, adam, adamw or muon")
+
+
+def _muon(groups: list, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Muon on the groups param_groups(muon=True) marked, optim.muon_companion on the rest.
+    Muon's weight decay is decoupled (w <- w (1 - lr * muon_weight_decay) each step)."""
+    if not all(isinstance(g, dict) for g in groups):
+        raise ValueError("optim.name=muon needs param_groups(model, ..., muon=True): it must know which "
+                         "parameters are the hidden filters")
+    for g in groups:
+        if g.get("muon"):
+            g.update(weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum, nesterov=cfg.nesterov)
+    return MuonWithCompanion(groups, lambda others: _standard(cfg.muon_companion, others, cfg),
+                             ns_steps=cfg.muon_ns_steps, normalize=cfg.muon_normalize)
+
+
+def optimizer_flops_per_step(model: nn.Module, cfg: OptimConfig) -> float:
+    """Matrix-product FLOPs of one optimiser step: Muon's Newton-Schulz on each hidden filter seen as
+    (out, rest); 0 for the element-wise optimisers (sgd, adam, adamw)."""
+    if cfg.name != "muon":
+        return 0.0
+    groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias, muon=True)
+    return sum(newton_schulz_flops(p.shape[0], p.numel() // p.shape[0], cfg.muon_ns_steps)
+               for g in groups if g.get("muon") for p in g["params"])
 
 
 def lr_factor(cfg: OptimConfig, step: int, total: int, steps_per_epoch: int) -> float:
